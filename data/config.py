@@ -1,0 +1,54 @@
+"""Typed configuration of the data path.
+
+Kept in ``data`` (not ``pretrain``) so that ``data`` never imports ``pretrain``;
+``pretrain.config`` composes these dataclasses into the run config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SourceConfig:
+    """One document source. Exactly one of ``path``, ``hf_name`` or ``builtin`` is set.
+
+    - ``path``: local files, a glob or a list of globs; the format comes from the
+      extension (.txt/.text -> one document per line, .jsonl/.json -> ``text_field``,
+      .parquet -> ``text_field``).
+    - ``hf_name``: a Hugging Face dataset streamed from the hub (needs network).
+    - ``builtin``: ``"pydoc"``, CPython's reference prose (``pydoc_data.topics``),
+      available wherever Python is; one document per topic.
+    """
+
+    path: str | list[str] | None = None
+    hf_name: str | None = None
+    hf_subset: str | None = None
+    builtin: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    weight: float = 1.0
+
+
+@dataclass
+class TokenizerConfig:
+    """``kind="sentencepiece"`` trains (if ``path`` does not exist) and loads a
+    sentencepiece model; ``kind="byte"`` is the lossless UTF-8 byte tokenizer (enwik8)."""
+
+    kind: str = "sentencepiece"
+    path: str = "runs/tokenizers/pydoc-bpe-2048.model"
+    vocab_size: int = 2048
+    model_type: str = "bpe"
+    # Bytes of training text read from the train sources (in mixture order) to fit the model.
+    train_bytes: int = 50_000_000
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(builtin="pydoc")])
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Every k-th document of each source (k = round(1 / val_fraction)) is held out for validation.
+    val_fraction: float = 0.05
+    # Packed samples are shuffled through a buffer of this many samples (0 = no shuffle).
+    shuffle_buffer: int = 256
+    seed: int = 1234
