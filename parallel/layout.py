@@ -1,0 +1,23 @@
+"""How a parameter would be split under tensor parallelism, recorded on the parameter itself.
+
+The attribute names are megatron-core's (``tensor_model_parallel``, ``partition_dim``,
+``partition_stride``), so megatron-core's checkpointing and gradient code read them unchanged. Setting them costs nothing on a single process.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def mark_tensor_parallel(param: nn.Parameter, dim: int, stride: int = 1) -> None:
+    """``param`` is split along ``dim`` across the tensor-parallel ranks."""
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = stride
+
+
+def mark_replicated(param: nn.Parameter) -> None:
+    """``param`` is held whole, identically, on every tensor-parallel rank."""
+    param.tensor_model_parallel = False
+    param.partition_dim = -1
+    param.partition_stride = 1

@@ -1,0 +1,347 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+The dataclass defaults *are* the embedded default run (``configs/tiny.yaml`` mirrors them,
+and a test keeps the two equal), so ``seqboat train`` with no arguments needs no file.
+Every problem is reported up front as one ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data.config import DataConfig, SourceConfig, TokenizerConfig
+from pretrain.model.gau import ATTENTION_FNS, POSITION_KINDS
+from pretrain.model.norm import NORM_KINDS
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key and what is wrong with it."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "seqboat"  # "seqboat" or "transformer" (the baseline)
+    layers: int = 4
+    width: int = 128  # D
+    zdim: int = 32  # Z, shared query/key width
+    hdim: int = 256  # H, value/gate width
+    ndim: int = 16  # N, EMA state per channel
+    window: int = 64  # w, activated tokens each activated token attends back to
+    routing: str = "sparse"  # "sparse" (router), "always" (every token), "never" (EMA only)
+    attention_fn: str = "softmax"
+    position: str = "rotary"  # rotary | simple (original distance) | local (activated) | none
+    max_positions: int = 2048  # size of the "simple" relative-bias table
+    rope_base: float = 10000.0
+    norm: str = "layernorm"
+    prenorm: bool = True
+    final_norm_affine: bool = True
+    ema_truncation: int | None = None
+    init_temp_scale: float = 1.0
+    act_bias: float = 0.0  # added to the skip logit: > 0 favours skipping
+    ffn_hidden: int = 0  # 0 = no FFN (every released SeqBoat config)
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    tie_embeddings: bool = True
+    scale_embedding: bool = True
+    vocab_multiple: int = 64  # the embedding is padded to a multiple of this
+    transformer_heads: int = 4  # baseline only
+    transformer_ffn: int = 512  # baseline only
+
+
+@dataclass
+class TrainConfig:
+    seq_length: int = 256
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    max_steps: int = 300
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp64
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_samples: int = 32
+    max_nonfinite_in_a_row: int = 5
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | radam
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    warmup_steps: int = 30
+    decay: str = "cosine"  # cosine | linear | constant
+    clip_grad: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    keep_last: int = 2
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled; the WANDB_MODE variable wins
+    project: str = "seqboat"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    dir: str | None = None  # default: runs/<name>
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir if self.run.dir else Path("runs") / self.run.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``key.sub=value`` overrides; validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A validated Config from a plain dict (e.g. the one saved in a run directory)."""
+    cfg = build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Sets ``a.b.c=value`` in ``raw``; the value is parsed as YAML (``1e-3``, ``true``, ``[a]``)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    node: Any = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], parts)] = parsed
+    else:
+        node[parts[-1]] = parsed
+
+
+def _list_index(node: list[Any], part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{'.'.join(parts)}: list index out of range (list has {len(node)})")
+    return int(part)
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Builds dataclass ``cls`` from ``raw``, type-checking every field; unknown keys fail."""
+    where = prefix.rstrip(".") or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key {prefix}{key}{hint}")
+    kwargs = {
+        name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw
+    }
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}.{i}") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.data
+    _choice("model.arch", m.arch, ("seqboat", "transformer"))
+    _choice("model.routing", m.routing, ("sparse", "always", "never"))
+    _choice("model.attention_fn", m.attention_fn, ATTENTION_FNS)
+    _choice("model.position", m.position, POSITION_KINDS)
+    _choice("model.norm", m.norm, NORM_KINDS)
+    _choice("train.precision", t.precision, ("fp32", "bf16", "fp64"))
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("optimizer.name", o.name, ("adamw", "radam"))
+    _choice("optimizer.decay", o.decay, ("cosine", "linear", "constant"))
+    _choice("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
+    _choice("data.tokenizer.kind", d.tokenizer.kind, ("sentencepiece", "byte"))
+    _choice("data.tokenizer.model_type", d.tokenizer.model_type, ("bpe", "unigram"))
+    for key, value in [
+        ("model.layers", m.layers), ("model.width", m.width), ("model.zdim", m.zdim),
+        ("model.hdim", m.hdim), ("model.ndim", m.ndim), ("model.window", m.window),
+        ("model.max_positions", m.max_positions), ("model.vocab_multiple", m.vocab_multiple),
+        ("model.transformer_heads", m.transformer_heads),
+        ("train.seq_length", t.seq_length), ("train.micro_batch_size", t.micro_batch_size),
+        ("train.global_batch_size", t.global_batch_size), ("train.max_steps", t.max_steps),
+        ("train.log_interval", t.log_interval), ("train.eval_interval", t.eval_interval),
+        ("train.eval_samples", t.eval_samples),
+        ("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row),
+        ("checkpoint.interval", cfg.checkpoint.interval),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+        ("data.tokenizer.vocab_size", d.tokenizer.vocab_size),
+    ]:  # fmt: skip
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in [
+        ("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),
+        ("model.hidden_dropout", m.hidden_dropout),
+        ("model.embedding_dropout", m.embedding_dropout),
+    ]:  # fmt: skip
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if m.ffn_hidden < 0 or t.threads < 0 or o.warmup_steps < 0:
+        raise ConfigError("model.ffn_hidden, train.threads and optimizer.warmup_steps must be >= 0")
+    if m.arch == "seqboat" and m.window > t.seq_length:
+        raise ConfigError(
+            f"model.window ({m.window}) must not exceed train.seq_length ({t.seq_length})"
+        )
+    if m.position == "rotary" and m.zdim % 2:
+        raise ConfigError(f"model.zdim ({m.zdim}) must be even for rotary positions")
+    if m.arch == "transformer" and (m.width % m.transformer_heads or (m.width // m.transformer_heads) % 2):
+        raise ConfigError(
+            f"model.width ({m.width}) must split into model.transformer_heads "
+            f"({m.transformer_heads}) heads of even size"
+        )
+    if m.ema_truncation is not None and m.ema_truncation <= 0:
+        raise ConfigError(f"model.ema_truncation must be positive or null, got {m.ema_truncation}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})"
+        )
+    if not 0.0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr={o.lr}]")
+    if o.clip_grad < 0:
+        raise ConfigError(f"optimizer.clip_grad must be >= 0 (0 = off), got {o.clip_grad}")
+    if not 0.0 <= d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction must be in [0, 0.5), got {d.val_fraction}")
+    if not d.sources:
+        raise ConfigError("data.sources must name at least one source")
+    for i, src in enumerate(d.sources):
+        _validate_source(f"data.sources.{i}", src)
+
+
+def _validate_source(key: str, src: SourceConfig) -> None:
+    given = [n for n in ("path", "hf_name", "builtin") if getattr(src, n)]
+    if len(given) != 1:
+        raise ConfigError(f"{key}: set exactly one of path, hf_name, builtin (got {given or 'none'})")
+    if src.builtin is not None and src.builtin != "pydoc":
+        raise ConfigError(f"{key}.builtin: unknown builtin corpus {src.builtin!r} (known: pydoc)")
+    if src.weight <= 0:
+        raise ConfigError(f"{key}.weight must be positive, got {src.weight}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "SourceConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "config_from_dict",
+    "load_config",
+    "save_config",
+]

@@ -1,0 +1,175 @@
+"""Single-head Gated Attention Unit with causal local attention over compressed tokens.
+
+Token i of the compressed sequence attends to itself and the previous ``window`` activated
+tokens (SEQBOAT.md §7). Queries are processed in blocks of ``window``; each block's keys are
+that block and the one before it, so the score tensor is [B, M/w, w, 2w]: linear in the
+sequence length, never [M, M].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from parallel.layout import mark_replicated, mark_tensor_parallel
+from pretrain.model.init import init_linear_, trunc_normal_
+from pretrain.model.rope import apply_rotary
+
+ATTENTION_FNS = ("softmax", "relu2")
+POSITION_KINDS = ("rotary", "simple", "local", "none")
+
+
+@dataclass
+class SpanStats:
+    """Sum over attended (query, key) pairs of the original-position distance, and the count."""
+
+    distance_sum: Tensor
+    pairs: Tensor
+
+
+class GatedAttentionUnit(nn.Module):
+    def __init__(
+        self,
+        width: int,
+        zdim: int,
+        hdim: int,
+        window: int,
+        attention_fn: str = "softmax",
+        position: str = "rotary",
+        max_positions: int = 2048,
+        rope_base: float = 10000.0,
+        attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.zdim, self.hdim, self.window = zdim, hdim, window
+        self.attention_fn, self.position = attention_fn, position
+        self.rope_base = rope_base
+        # z (shared query/key) is small and replicated under tensor parallelism; r and v are
+        # column-parallel over H and the output projection row-parallel.
+        self.z_proj = nn.Linear(width, zdim)
+        self.r_proj = nn.Linear(width, hdim)
+        self.v_proj = nn.Linear(width, hdim)
+        self.out_proj = nn.Linear(hdim, width)
+        self.qk_scale = nn.Parameter(torch.empty(2, zdim))
+        self.qk_offset = nn.Parameter(torch.empty(2, zdim))
+        if position == "simple":  # learned bias over the original-position distance
+            self.rel_bias = nn.Parameter(torch.empty(max_positions))
+        elif position == "local":  # learned bias over the distance in activated tokens
+            self.rel_bias = nn.Parameter(torch.empty(window + 1))
+        else:
+            self.register_parameter("rel_bias", None)
+        self.attention_dropout = nn.Dropout(attention_dropout)
+        self.hidden_dropout = nn.Dropout(hidden_dropout)
+        for p in (*self.z_proj.parameters(), self.qk_scale, self.qk_offset, self.out_proj.bias):
+            mark_replicated(p)
+        if self.rel_bias is not None:
+            mark_replicated(self.rel_bias)
+        for lin in (self.r_proj, self.v_proj):
+            mark_tensor_parallel(lin.weight, dim=0)
+            mark_tensor_parallel(lin.bias, dim=0)
+        mark_tensor_parallel(self.out_proj.weight, dim=1)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for lin in (self.z_proj, self.r_proj, self.v_proj, self.out_proj):
+            init_linear_(lin)
+        trunc_normal_(self.qk_scale, std=0.02)
+        nn.init.zeros_(self.qk_offset)
+        if self.rel_bias is not None:
+            trunc_normal_(self.rel_bias, std=0.02)
+
+    def project(self, m: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """m: [..., D], positions: [...] original positions -> q, k [..., Z]; v, r [..., H]."""
+        z = F.silu(self.z_proj(m))
+        r = F.silu(self.r_proj(m))
+        v = self.hidden_dropout(F.silu(self.v_proj(m)))
+        q = z * self.qk_scale[0] + self.qk_offset[0]
+        k = z * self.qk_scale[1] + self.qk_offset[1]
+        if self.position == "rotary":
+            q = apply_rotary(q, positions, self.rope_base)
+            k = apply_rotary(k, positions, self.rope_base)
+        return q, k, v, r
+
+    def attention_weights(
+        self, scores: Tensor, allowed: Tensor, pos_distance: Tensor, act_distance: Tensor
+    ) -> Tensor:
+        """Scaled scores [..., Q, K] -> attention weights, with the positional bias and mask.
+
+        ``pos_distance`` = original position of query - of key; ``act_distance`` = the same
+        in activated-token (compressed) indices, in [0, window] wherever ``allowed``.
+        """
+        if self.position == "simple":
+            scores = scores + self.rel_bias[pos_distance.clamp(0, self.rel_bias.numel() - 1)]
+        elif self.position == "local":
+            scores = scores + self.rel_bias[act_distance.clamp(0, self.window)]
+        if self.attention_fn == "softmax":
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores, dim=-1)
+        else:  # relu2: masked entries are zeroed before the activation
+            weights = F.relu(scores.masked_fill(~allowed, 0.0)) ** 2
+        return self.attention_dropout(weights)
+
+    def scale(self) -> float:
+        return self.zdim**-0.5 if self.attention_fn == "softmax" else 1.0 / self.window
+
+    def forward(
+        self, m: Tensor, positions: Tensor, valid: Tensor, collect_stats: bool = False
+    ) -> tuple[Tensor, SpanStats | None]:
+        """m: [M, B, D] compressed tokens; positions: [M, B] long original positions;
+        valid: [M, B] bool (empty slots are never attended). Returns ([M, B, D], stats)."""
+        q, k, v, r = self.project(m, positions)
+        attn, stats = self.local_attention(q, k, v, positions, valid, collect_stats)
+        return self.out_proj(attn * r), stats
+
+    def local_attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        valid: Tensor,
+        collect_stats: bool = False,
+    ) -> tuple[Tensor, SpanStats | None]:
+        """Causal attention of each token to itself and the previous ``window`` tokens."""
+        length, w = q.shape[0], self.window
+        blocks = -(-length // w)
+        pad = blocks * w - length
+
+        def to_blocks(x: Tensor) -> Tensor:  # [M, B, ...] -> [B, n, w, ...]
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, 0, 0, pad)) if pad else x
+            return x.view(blocks, w, *x.shape[1:]).movedim(2, 0)
+
+        def with_previous(x: Tensor) -> Tensor:  # [B, n, w, ...] -> [B, n, 2w, ...]
+            prev = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 1, 0))[:, :-1]
+            return torch.cat([prev, x], dim=2)
+
+        qb = to_blocks(q)
+        kb, vb = with_previous(to_blocks(k)), with_previous(to_blocks(v))
+        pos_q = to_blocks(positions)
+        pos_k = with_previous(pos_q)
+        valid_k = with_previous(to_blocks(valid))  # padding and the block before 0 are invalid
+        # Query a of a block sits at a + w in its key axis: distance in activated tokens.
+        offs = torch.arange(w, device=q.device)
+        act_distance = (offs.unsqueeze(1) + w) - torch.arange(2 * w, device=q.device)
+        allowed = ((act_distance >= 0) & (act_distance <= w)) & valid_k.unsqueeze(2)
+        pos_distance = pos_q.unsqueeze(-1) - pos_k.unsqueeze(-2)
+
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * self.scale()
+        weights = self.attention_weights(scores, allowed, pos_distance, act_distance)
+        out = torch.matmul(weights.to(vb.dtype), vb)  # [B, n, w, H]
+        out = out.movedim(0, 2).reshape(blocks * w, *v.shape[1:])[:length]
+
+        stats = None
+        if collect_stats:
+            with torch.no_grad():
+                attended = allowed & to_blocks(valid).unsqueeze(-1)
+                stats = SpanStats(
+                    distance_sum=(pos_distance * attended).sum().to(torch.float64),
+                    pairs=attended.sum(),
+                )
+        return out, stats

@@ -1,0 +1,19 @@
+"""Initialisers of the reference implementation (SEQBOAT.md §12.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def trunc_normal_(tensor: Tensor, std: float, mean: float = 0.0) -> Tensor:
+    """Normal(mean, std) truncated at +-2 std, as the reference's initialiser."""
+    return nn.init.trunc_normal_(tensor, mean=mean, std=std, a=mean - 2 * std, b=mean + 2 * std)
+
+
+def init_linear_(layer: nn.Linear, std: float = 0.02) -> nn.Linear:
+    trunc_normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer

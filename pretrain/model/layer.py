@@ -1,0 +1,128 @@
+"""One SeqBoat layer (causal), SEQBOAT.md §3.1:
+
+    xn = norm(x)                          (pre-norm; post-norm normalises the output instead)
+    m  = dropout(silu(EMA(xn)))
+    [u ; hx] = W m + b                    (u: 2 routing logits)
+    activated, gate = router(u)
+    o  = extract(GAU(compress(m))) * gate
+    y  = silu(x + dropout(hx + o))
+
+The GAU always runs on the compressed sequence, even when some sequence activates every
+token: the reference's uncompressed fallback is a data-dependent branch (different ranks
+would take different paths) and changes the window's meaning, so it is not reproduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from parallel.layout import mark_replicated, mark_tensor_parallel
+from pretrain.config import ModelConfig
+from pretrain.model.ema import DampedEMA
+from pretrain.model.gau import GatedAttentionUnit
+from pretrain.model.init import init_linear_
+from pretrain.model.norm import make_norm
+from pretrain.model.router import Router, compress, extract, plan_compression
+
+
+@dataclass
+class LayerStats:
+    """Routing statistics of one layer for one forward pass (no gradient)."""
+
+    activated: Tensor  # [L, B] bool
+    span_sum: Tensor  # sum of original-position distances over attended pairs
+    span_pairs: Tensor  # number of attended pairs
+
+
+class FeedForward(nn.Module):
+    """Optional FFN (no released config uses one): fc1 -> silu -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = init_linear_(nn.Linear(width, hidden))
+        self.fc2 = init_linear_(nn.Linear(hidden, width))
+        self.dropout = nn.Dropout(dropout)
+        mark_tensor_parallel(self.fc1.weight, dim=0)
+        mark_tensor_parallel(self.fc1.bias, dim=0)
+        mark_tensor_parallel(self.fc2.weight, dim=1)
+        mark_replicated(self.fc2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(self.dropout(F.silu(self.fc1(x)))))
+
+
+class SeqBoatLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.width
+        self.prenorm = cfg.prenorm
+        self.routing = cfg.routing
+        self.norm = make_norm(cfg.norm, d)
+        self.ema = DampedEMA(d, cfg.ndim, cfg.ema_truncation)
+        # Row-parallel on the channel-split EMA output: every tensor-parallel rank ends up
+        # with the same two routing logits and takes the same decision.
+        self.hx_proj = init_linear_(nn.Linear(d, d + 2 if cfg.routing == "sparse" else d))
+        mark_tensor_parallel(self.hx_proj.weight, dim=1)
+        mark_replicated(self.hx_proj.bias)
+        self.router = (
+            Router(d, cfg.init_temp_scale, cfg.act_bias) if cfg.routing == "sparse" else None
+        )
+        self.gau = (
+            None
+            if cfg.routing == "never"
+            else GatedAttentionUnit(
+                d, cfg.zdim, cfg.hdim, cfg.window, cfg.attention_fn, cfg.position,
+                cfg.max_positions, cfg.rope_base, cfg.attention_dropout, cfg.hidden_dropout,
+            )  # fmt: skip
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.ffn = FeedForward(d, cfg.ffn_hidden, cfg.dropout) if cfg.ffn_hidden else None
+        self.ffn_norm = make_norm(cfg.norm, d) if cfg.ffn_hidden else None
+
+    def route(self, hx_and_logits: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Splits the projection into (hx, activated [L, B] or None, gate [L, B] or None)."""
+        if self.router is None:
+            return hx_and_logits, None, None
+        activated, gate = self.router(hx_and_logits[..., :2])
+        return hx_and_logits[..., 2:], activated, gate
+
+    def forward(self, x: Tensor, collect_stats: bool = False) -> tuple[Tensor, LayerStats | None]:
+        """x: [L, B, D] -> ([L, B, D], stats if ``collect_stats``)."""
+        length, batch = x.shape[:2]
+        h = self.norm(x) if self.prenorm else x
+        m = self.dropout(F.silu(self.ema(h)))
+        hx, activated, gate = self.route(self.hx_proj(m))
+        stats = None
+        if self.gau is None:
+            o = torch.zeros_like(hx)
+            activated = torch.zeros(length, batch, dtype=torch.bool, device=x.device)
+            span = (torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long))
+        else:
+            if activated is None:  # "always": every token, ungated
+                activated = torch.ones(length, batch, dtype=torch.bool, device=x.device)
+            plan = plan_compression(activated)
+            positions = torch.arange(length, device=x.device).unsqueeze(1).expand(-1, batch)
+            oc, span_stats = self.gau(
+                compress(m, plan), compress(positions, plan), plan.valid, collect_stats
+            )
+            o = extract(oc, plan)
+            if gate is not None:
+                o = o * gate.unsqueeze(-1)
+            span = (span_stats.distance_sum, span_stats.pairs) if span_stats else None
+        if collect_stats:
+            stats = LayerStats(activated.detach(), *span)
+        y = F.silu(x + self.dropout(hx + o))
+        if not self.prenorm:
+            y = self.norm(y)
+        if self.ffn is not None:
+            y = self._ffn_block(y)
+        return y, stats
+
+    def _ffn_block(self, y: Tensor) -> Tensor:
+        if self.prenorm:
+            return y + self.ffn(self.ffn_norm(y))
+        return self.ffn_norm(y + self.ffn(y))
