@@ -1,0 +1,87 @@
+"""Builds what a run is made of from its config: device, tokenizer, model, optimizer,
+schedule. Shared by training, evaluation, generation and plotting."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data.tokenizer import Tokenizer, build_tokenizer
+from pretrain.checkpoint import load_latest
+from pretrain.config import Config, OptimizerConfig, config_from_dict
+from pretrain.model.lm import LanguageModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
+
+
+def select_device(cfg: Config) -> torch.device:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def tokenizer_for(cfg: Config) -> Tokenizer:
+    return build_tokenizer(cfg.data.tokenizer, cfg.data.sources)
+
+
+def model_for(cfg: Config, vocab_size: int, device: torch.device) -> LanguageModel:
+    """The model in its master precision (bf16 runs keep fp32 weights and autocast)."""
+    return LanguageModel(cfg.model, vocab_size).to(device=device, dtype=DTYPES[cfg.train.precision])
+
+
+def optimizer_for(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW or RAdam; weight decay on matrices only (not on biases, norms, scalars)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    if cfg.name == "radam":
+        return torch.optim.RAdam(groups, decoupled_weight_decay=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_at(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
+    """Linear warmup from 0 to ``lr``, then cosine or linear decay to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+
+
+def scheduler_for(
+    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, cfg, max_steps) / cfg.lr
+    )
+
+
+def load_trained(run_dir: Path, device: torch.device | None = None):
+    """(config, tokenizer, model with the latest checkpoint's weights, step) of a run."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = config_from_dict(yaml.safe_load(config_path.read_text()))
+    loaded = load_latest(run_dir)
+    if loaded is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+    state, _ = loaded
+    device = device or select_device(cfg)
+    tokenizer = tokenizer_for(cfg)
+    model = model_for(cfg, tokenizer.vocab_size, device)
+    model.load_state_dict(state["model"])
+    return cfg, tokenizer, model, int(state["train"]["step"])

@@ -1,0 +1,151 @@
+"""The ``seqboat`` command line (also ``python -m pretrain``).
+
+    seqboat train [--config FILE] [key.sub=value ...]
+    seqboat prepare tokenizer [--config FILE] [key.sub=value ...]
+    seqboat eval [--config FILE | --run-dir DIR] [key.sub=value ...]
+    seqboat generate [--config FILE | --run-dir DIR] [--prompt TEXT] [...]
+    seqboat plot RUN_DIR
+
+Bad input ends with one ``seqboat: error: ...`` line and exit status 2; nothing is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the embedded tiny config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="a run directory (its saved config is used)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="seqboat", description="Pretrain SeqBoat language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (resumes the run if it has a checkpoint)")
+    _add_config_args(train)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare = sub.add_parser("prepare", help="prepare assets of a run")
+    what = prepare.add_subparsers(dest="what", required=True)
+    _add_config_args(what.add_parser("tokenizer", help="train the sentencepiece tokenizer"))
+    _add_run_args(sub.add_parser("eval", help="validation loss, perplexity, bits per byte"))
+    gen = sub.add_parser("generate", help="sample text from a trained run")
+    _add_run_args(gen)
+    gen.add_argument("--prompt", default="The ")
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=40)
+    gen.add_argument("--seed", type=int, default=0)
+    plot = sub.add_parser("plot", help="loss curves and activation heat map as PNGs")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Heavy imports after argument parsing: `seqboat --help` stays instant.
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError
+    from pretrain.train import Preempted, REQUEUE_EXIT_CODE, NonFiniteLossError
+
+    try:
+        return COMMANDS[args.command](args)
+    except Preempted as e:
+        print(f"seqboat: {e}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"seqboat: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLossError as e:
+        print(f"seqboat: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("seqboat: interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+def _config(args: argparse.Namespace):
+    from pretrain.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir) if args.run_dir else _config(args).run_dir
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pretrain.train import Trainer
+
+    cfg = _config(args)
+    result = Trainer(cfg, progress=not args.no_progress).train()
+    v = result.val
+    print(f"step {result.step}: val loss {v['loss']:.4f}  ppl {v['ppl']:.2f}  bpb {v['bpb']:.4f}")
+    print(f"sample: {result.sample}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pretrain.build import tokenizer_for
+
+    cfg = _config(args)
+    tok = tokenizer_for(cfg)
+    print(f"tokenizer: {cfg.data.tokenizer.path} ({tok.vocab_size} tokens)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from data.loader import validation_samples
+    from pretrain.build import load_trained
+    from pretrain.evaluate import evaluate
+
+    cfg, tok, model, step = load_trained(_run_dir(args))
+    t = cfg.train
+    samples = validation_samples(cfg.data, tok, t.seq_length, t.eval_samples)
+    v = evaluate(model, samples, tok.token_bytes(), t.micro_batch_size, t.precision)
+    print(f"step {step}: val loss {v['loss']:.4f}  ppl {v['ppl']:.2f}  bpb {v['bpb']:.4f}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pretrain.build import load_trained
+    from pretrain.model.decode import generate
+
+    _, tok, model, _ = load_trained(_run_dir(args))
+    prompt = tok.encode(args.prompt)
+    out = generate(
+        model, prompt, args.max_new_tokens, args.temperature, args.top_k,
+        torch.Generator().manual_seed(args.seed), eos_id=tok.eos_id,
+    )  # fmt: skip
+    print(args.prompt + tok.decode(out))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pretrain.plot import plot_run
+
+    for path in plot_run(Path(args.run_dir), Path(args.out) if args.out else None):
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "prepare": cmd_prepare,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "plot": cmd_plot,
+}

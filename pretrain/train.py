@@ -1,0 +1,298 @@
+"""The training loop: micro-batches, schedule, clipping, evaluation, checkpoints, logging.
+
+One ``Trainer`` owns one run directory. Running the same config again resumes from the
+newest complete checkpoint, restoring model, optimizer, schedule, data position and every
+RNG, so the continued loss curve is the one an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from data.loader import PretrainLoader, validation_samples
+from pretrain.build import model_for, optimizer_for, scheduler_for, select_device, tokenizer_for
+from pretrain.checkpoint import load_latest, save_checkpoint
+from pretrain.config import Config, ConfigError, save_config
+from pretrain.evaluate import autocast_for, evaluate
+from pretrain.model.decode import generate
+from pretrain.model.layer import LayerStats
+from pretrain.monitor import Monitor, new_run_id
+
+# Exit code of a run that saved a checkpoint because it was asked to stop (SIGUSR1 or
+# SIGTERM, e.g. Slurm preemption): a launcher reads it as "requeue me".
+REQUEUE_EXIT_CODE = 75
+
+# Config sections that must not change when a run resumes: they define the model and the
+# data order. Everything else (steps, intervals, logging) may.
+FROZEN_ON_RESUME = ("model", "data", "train.seq_length", "train.global_batch_size", "train.seed")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Preempted(Exception):  # noqa: N818 - a signal, not an error
+    """Raised after the checkpoint is saved when a stop was requested."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped on request at step {step}; checkpoint saved")
+        self.step = step
+
+
+@dataclass
+class TrainResult:
+    step: int
+    val: dict[str, float]
+    sample: str
+
+
+class Trainer:
+    def __init__(self, cfg: Config, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = cfg.run_dir
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = select_device(cfg)
+        _seed_everything(t.seed)
+        self.tokenizer = tokenizer_for(cfg)
+        self.model = model_for(cfg, self.tokenizer.vocab_size, self.device)
+        self.optimizer = optimizer_for(self.model, cfg.optimizer)
+        self.scheduler = scheduler_for(self.optimizer, cfg.optimizer, t.max_steps)
+        self.loader = PretrainLoader(cfg.data, self.tokenizer, t.seq_length, t.global_batch_size)
+        self.val_samples = validation_samples(
+            cfg.data, self.tokenizer, t.seq_length, t.eval_samples
+        )
+        self.token_bytes = self.tokenizer.token_bytes()
+        self.step = 0
+        self.skipped_steps = 0
+        self.run_id = ""
+        self._stop_requested = False
+        self._resume()
+
+    # ------------------------------------------------------------------ run directory
+
+    def _resume(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        saved = self.run_dir / "config.yaml"
+        if saved.is_file():
+            _check_resumable(yaml.safe_load(saved.read_text()), self.cfg.to_dict(), self.run_dir)
+        save_config(self.cfg, saved)
+        loaded = load_latest(self.run_dir)
+        if loaded is None:
+            self.run_id = new_run_id()
+            return
+        state, path = loaded
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["train"]["step"])
+        self.skipped_steps = int(state["train"]["skipped_steps"])
+        self.run_id = str(state["train"]["run_id"])
+        print(f"seqboat: resuming {self.run_dir} from {path.name}", file=sys.stderr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "rng": _rng_state(),
+            "train": {"step": self.step, "skipped_steps": self.skipped_steps, "run_id": self.run_id},
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir, self.step, self.state_dict(), keep_last=self.cfg.checkpoint.keep_last
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        monitor = Monitor(cfg, self.run_dir, self.run_id, resume_step=self.step)
+        previous_handlers = self._install_stop_handlers()
+        bar = tqdm(
+            total=t.max_steps, initial=self.step, disable=not self.progress, desc="train",
+            dynamic_ncols=True, file=sys.stderr,
+        )  # fmt: skip
+        window: list[float] = []
+        nonfinite_in_a_row = 0
+        tokens_per_step = t.global_batch_size * t.seq_length
+        last_saved = self.step
+        val: dict[str, float] | None = None
+        try:
+            while self.step < t.max_steps:
+                log_now = (self.step + 1) % t.log_interval == 0
+                start = time.perf_counter()
+                loss, grad_norm, stats = self._train_step(collect_stats=log_now)
+                elapsed = time.perf_counter() - start
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    nonfinite_in_a_row = 0
+                    window.append(loss)
+                else:
+                    nonfinite_in_a_row += 1
+                    self.skipped_steps += 1
+                    if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
+                        raise NonFiniteLossError(
+                            f"loss or gradient was non-finite for {nonfinite_in_a_row} steps in "
+                            f"a row (last at step {self.step}); lower optimizer.lr or use fp32"
+                        )
+                self.step += 1
+                bar.update(1)
+                if log_now:
+                    metrics = {
+                        "train/loss": sum(window) / max(len(window), 1),
+                        "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/grad_norm": grad_norm,
+                        "train/tokens_per_s": tokens_per_step / elapsed,
+                        "train/step_time_s": elapsed,
+                        "train/skipped_steps": self.skipped_steps,
+                        **_layer_metrics(stats),
+                    }
+                    monitor.log(metrics, self.step)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}")
+                    window = []
+                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                    val = self.evaluate()
+                    monitor.log({f"val/{k}": v for k, v in val.items()}, self.step)
+                if self.step % cfg.checkpoint.interval == 0 or self.step == t.max_steps:
+                    self.save()
+                    last_saved = self.step
+                if self._stop_requested:
+                    if last_saved != self.step:
+                        self.save()
+                    raise Preempted(self.step)
+        finally:
+            bar.close()
+            monitor.close()
+            self._restore_handlers(previous_handlers)
+        if val is None:  # the run was already complete: nothing trained, report anyway
+            val = self.evaluate()
+        return TrainResult(self.step, val, self.sample())
+
+    def _train_step(self, collect_stats: bool) -> tuple[float, float, list[LayerStats] | None]:
+        t = self.cfg.train
+        batch = next(self.loader)
+        micro_batches = batch.split(t.micro_batch_size)
+        total = 0.0
+        stats = None
+        self.model.train()
+        for i, micro in enumerate(micro_batches):
+            with autocast_for(t.precision, self.device):
+                loss, micro_stats = self.model.loss(micro.to(self.device), collect_stats and i == 0)
+            (loss / len(micro_batches)).backward()
+            total += float(loss.detach()) / len(micro_batches)
+            stats = stats or micro_stats
+        clip = self.cfg.optimizer.clip_grad
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        )
+        if math.isfinite(total) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        # A skipped step still consumes its batch and its place in the schedule.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total, grad_norm, stats
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(
+            self.model, self.val_samples, self.token_bytes, self.cfg.train.micro_batch_size,
+            self.cfg.train.precision,
+        )  # fmt: skip
+
+    def sample(self, prompt_tokens: int = 16, new_tokens: int = 48) -> str:
+        """A short generated continuation of the first validation text."""
+        prompt = self.val_samples[0, :prompt_tokens].tolist()
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        out = generate(
+            self.model, prompt, new_tokens, temperature=0.8, top_k=40, generator=generator,
+            eos_id=self.tokenizer.eos_id,
+        )  # fmt: skip
+        return self.tokenizer.decode(prompt) + " >>> " + self.tokenizer.decode(out)
+
+    # ------------------------------------------------------------------ stop requests
+
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        def request_stop(signum: int, frame: Any) -> None:
+            # Only set a flag: the step finishes and the checkpoint is written at its end.
+            self._stop_requested = True
+
+        previous = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread: leave signals to the caller
+                break
+        return previous
+
+    @staticmethod
+    def _restore_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _layer_metrics(stats: list[LayerStats] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for i, s in enumerate(stats or []):
+        out[f"layer_{i}/act_ratio"] = float(s.activated.float().mean())
+        out[f"layer_{i}/attn_span"] = float(s.span_sum) / max(int(s.span_pairs), 1)
+    return out
+
+
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    changed = []
+    for key in FROZEN_ON_RESUME:
+        a, b = _lookup(saved, key), _lookup(current, key)
+        if a != b:
+            changed.extend(_diff(a, b, key))
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config ({'; '.join(changed[:5])}); "
+            "resume it with its own config, or set run.name / run.dir for a new run"
+        )
+
+
+def _lookup(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _diff(a: Any, b: Any, key: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [f"{key}: {a!r} -> {b!r}"]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
