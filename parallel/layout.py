@@ -1,7 +1,8 @@
 """How a parameter would be split under tensor parallelism, recorded on the parameter itself.
 
 The attribute names are megatron-core's (``tensor_model_parallel``, ``partition_dim``,
-``partition_stride``), so megatron-core's checkpointing and gradient code read them unchanged. Setting them costs nothing on a single process.
+``partition_stride``), so megatron-core's checkpointing and gradient code read them
+unchanged. Setting them costs nothing on a single process.
 """
 
 from __future__ import annotations

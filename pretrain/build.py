@@ -11,7 +11,7 @@ from torch import nn
 
 from data.tokenizer import Tokenizer, build_tokenizer
 from pretrain.checkpoint import load_latest
-from pretrain.config import Config, OptimizerConfig, config_from_dict
+from pretrain.config import Config, OptimizerConfig, config_from_dict, parse_yaml
 from pretrain.model.lm import LanguageModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
@@ -69,13 +69,12 @@ def scheduler_for(
 
 def load_trained(run_dir: Path, device: torch.device | None = None):
     """(config, tokenizer, model with the latest checkpoint's weights, step) of a run."""
-    import yaml
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(config_path.read_text()))
+    cfg = config_from_dict(parse_yaml(config_path.read_text()))
     loaded = load_latest(run_dir)
     if loaded is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")

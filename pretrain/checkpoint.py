@@ -138,7 +138,9 @@ def load_checkpoint(ckpt: Path, rank: int = 0) -> dict[str, Any]:
 
 def _prune(root: Path, keep_last: int) -> None:
     complete = sorted(
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and ".tmp" not in p.name
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and ".tmp" not in p.name
     )
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing: `seqboat --help` stays instant.
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
-    from pretrain.train import Preempted, REQUEUE_EXIT_CODE, NonFiniteLossError
+    from pretrain.train import REQUEUE_EXIT_CODE, NonFiniteLossError, Preempted
 
     try:
         return COMMANDS[args.command](args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,22 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; accept YAML 1.2 floats like every
+    other config system does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then ``key.sub=value`` overrides; validated."""
     raw: dict[str, Any] = {}
@@ -137,16 +154,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    # Overrides apply on top of defaults + file, so that e.g. data.sources.0.weight=2 finds
+    # the default list.
+    raw = _merge(Config().to_dict(), raw)
     for item in overrides or []:
         apply_override(raw, item)
     cfg = build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def _merge(base: Any, top: Any) -> Any:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in top.items()}}
+    return top
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -157,7 +184,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Sets ``a.b.c=value`` in ``raw``; the value is parsed as YAML (``1e-3``, ``true``, ``[a]``)."""
+    """Sets ``a.b.c=value`` in ``raw``; the value is YAML (``1e-3``, ``true``, ``[a]``)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -171,7 +198,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
     try:
-        parsed = yaml.safe_load(value) if value else ""
+        parsed = parse_yaml(value) if value else ""
     except yaml.YAMLError:
         parsed = value
     if isinstance(node, list):
@@ -290,7 +317,9 @@ def validate(cfg: Config) -> None:
         )
     if m.position == "rotary" and m.zdim % 2:
         raise ConfigError(f"model.zdim ({m.zdim}) must be even for rotary positions")
-    if m.arch == "transformer" and (m.width % m.transformer_heads or (m.width // m.transformer_heads) % 2):
+    if m.arch == "transformer" and (
+        m.width % m.transformer_heads or (m.width // m.transformer_heads) % 2
+    ):
         raise ConfigError(
             f"model.width ({m.width}) must split into model.transformer_heads "
             f"({m.transformer_heads}) heads of even size"
@@ -317,7 +346,9 @@ def validate(cfg: Config) -> None:
 def _validate_source(key: str, src: SourceConfig) -> None:
     given = [n for n in ("path", "hf_name", "builtin") if getattr(src, n)]
     if len(given) != 1:
-        raise ConfigError(f"{key}: set exactly one of path, hf_name, builtin (got {given or 'none'})")
+        raise ConfigError(
+            f"{key}: set exactly one of path, hf_name, builtin (got {given or 'none'})"
+        )
     if src.builtin is not None and src.builtin != "pydoc":
         raise ConfigError(f"{key}.builtin: unknown builtin corpus {src.builtin!r} (known: pydoc)")
     if src.weight <= 0:

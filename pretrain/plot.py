@@ -33,7 +33,9 @@ def _plot_losses(plt, records: list[dict], path: Path) -> Path:
     for key, label in (("train/loss", "train"), ("val/loss", "validation")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
-            ax.plot(*zip(*points, strict=True), label=label, marker="." if key == "val/loss" else None)
+            ax.plot(
+                *zip(*points, strict=True), label=label, marker="." if key == "val/loss" else None
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

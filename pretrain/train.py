@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from data.loader import PretrainLoader, validation_samples
 from pretrain.build import model_for, optimizer_for, scheduler_for, select_device, tokenizer_for
 from pretrain.checkpoint import load_latest, save_checkpoint
-from pretrain.config import Config, ConfigError, save_config
+from pretrain.config import Config, ConfigError, parse_yaml, save_config
 from pretrain.evaluate import autocast_for, evaluate
 from pretrain.model.decode import generate
 from pretrain.model.layer import LayerStats
@@ -42,7 +41,7 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-class Preempted(Exception):  # noqa: N818 - a signal, not an error
+class Preempted(Exception):
     """Raised after the checkpoint is saved when a stop was requested."""
 
     def __init__(self, step: int) -> None:
@@ -88,7 +87,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         saved = self.run_dir / "config.yaml"
         if saved.is_file():
-            _check_resumable(yaml.safe_load(saved.read_text()), self.cfg.to_dict(), self.run_dir)
+            _check_resumable(parse_yaml(saved.read_text()), self.cfg.to_dict(), self.run_dir)
         save_config(self.cfg, saved)
         loaded = load_latest(self.run_dir)
         if loaded is None:
@@ -112,7 +111,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "rng": _rng_state(),
-            "train": {"step": self.step, "skipped_steps": self.skipped_steps, "run_id": self.run_id},
+            "train": {
+                "step": self.step,
+                "skipped_steps": self.skipped_steps,
+                "run_id": self.run_id,
+            },
         }
 
     def save(self) -> Path:
@@ -165,7 +168,9 @@ class Trainer:
                         **_layer_metrics(stats),
                     }
                     monitor.log(metrics, self.step)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}")
+                    bar.set_postfix(
+                        loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}"
+                    )
                     window = []
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     val = self.evaluate()

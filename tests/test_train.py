@@ -50,7 +50,11 @@ def small_config(run_dir: Path, *overrides: str) -> Config:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
+    return {
+        r["step"]: r["train/loss"]
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if "train/loss" in r
+    }
 
 
 def test_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,14 +90,16 @@ def test_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_resume_refuses_a_changed_model(tmp_path: Path) -> None:
     Trainer(small_config(tmp_path, "train.max_steps=4"), progress=False).train()
-    with pytest.raises(ConfigError, match="model.width: 32 -> 48"):
+    with pytest.raises(ConfigError, match=r"model\.width: 32 -> 48"):
         Trainer(small_config(tmp_path, "model.width=48"), progress=False)
     # Changing only the step budget continues the run.
     more = Trainer(small_config(tmp_path, "train.max_steps=6"), progress=False)
     assert more.step == 4
 
 
-def test_nonfinite_loss_skips_steps_then_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nonfinite_loss_skips_steps_then_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = small_config(tmp_path, "train.max_nonfinite_in_a_row=3", "train.max_steps=20")
     trainer = Trainer(cfg, progress=False)
     real_loss = trainer.model.loss
@@ -139,7 +145,7 @@ def test_an_interrupted_save_is_invisible(tmp_path: Path) -> None:
     partial = tmp_path / "checkpoints" / "step_00000002.tmp"
     partial.mkdir()
     (partial / "rank_00000.pt").write_bytes(b"half")
-    state, path = load_latest(tmp_path)
+    _, path = load_latest(tmp_path)
     assert path.name == "step_00000001"
     save_checkpoint(tmp_path, 2, {"x": torch.ones(1)})  # the retry replaces the leftover
     assert load_latest(tmp_path)[1].name == "step_00000002"

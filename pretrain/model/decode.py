@@ -89,7 +89,9 @@ def _layer_step(layer: SeqBoatLayer, x: Tensor, s: LayerState, t: int) -> Tensor
     return y
 
 
-def _attend_step(layer: SeqBoatLayer, m: Tensor, s: LayerState, t: int, activated: Tensor) -> Tensor:
+def _attend_step(
+    layer: SeqBoatLayer, m: Tensor, s: LayerState, t: int, activated: Tensor
+) -> Tensor:
     gau = layer.gau
     w = gau.window
     batch = m.shape[0]
@@ -158,7 +160,9 @@ def generate(
     return out
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
+def _sample(
+    logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None
+) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits.float() / temperature

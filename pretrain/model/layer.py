@@ -75,9 +75,17 @@ class SeqBoatLayer(nn.Module):
             None
             if cfg.routing == "never"
             else GatedAttentionUnit(
-                d, cfg.zdim, cfg.hdim, cfg.window, cfg.attention_fn, cfg.position,
-                cfg.max_positions, cfg.rope_base, cfg.attention_dropout, cfg.hidden_dropout,
-            )  # fmt: skip
+                d,
+                cfg.zdim,
+                cfg.hdim,
+                cfg.window,
+                cfg.attention_fn,
+                cfg.position,
+                cfg.max_positions,
+                cfg.rope_base,
+                cfg.attention_dropout,
+                cfg.hidden_dropout,
+            )
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.ffn = FeedForward(d, cfg.ffn_hidden, cfg.dropout) if cfg.ffn_hidden else None

@@ -36,7 +36,10 @@ class TransformerLayer(nn.Module):
         length, batch, width = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(length, batch, 3, self.heads, -1).unbind(2)
         positions = torch.arange(length, device=x.device).view(length, 1, 1)
-        q, k = apply_rotary(q, positions, self.rope_base), apply_rotary(k, positions, self.rope_base)
+        q, k = (
+            apply_rotary(q, positions, self.rope_base),
+            apply_rotary(k, positions, self.rope_base),
+        )
         # [L, B, h, d] -> [B, h, L, d] for SDPA.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         a = F.scaled_dot_product_attention(
