@@ -138,6 +138,8 @@ class Trainer:
         tokens_per_step = t.global_batch_size * t.seq_length
         last_saved = self.step
         val: dict[str, float] | None = None
+        if self.step == 0:  # the starting point of the validation curve
+            monitor.log({f"val/{k}": v for k, v in self.evaluate().items()}, 0)
         try:
             while self.step < t.max_steps:
                 log_now = (self.step + 1) % t.log_interval == 0
