@@ -22,3 +22,11 @@ def mark_replicated(param: nn.Parameter) -> None:
     param.tensor_model_parallel = False
     param.partition_dim = -1
     param.partition_stride = 1
+
+
+def mark_sequence_parallel(module: nn.Module) -> None:
+    """``module``'s weights act on sequence shards under Megatron sequence parallelism, so
+    each rank's gradient is partial and is summed over the tensor group (megatron-core's
+    ``sequence_parallel`` attribute)."""
+    for p in module.parameters():
+        p.sequence_parallel = True

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from pretrain.model.lm import LanguageModel, token_losses
+from pretrain.model.lm import LanguageModel
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -34,8 +34,8 @@ def evaluate(
     for batch in samples.split(micro_batch_size):
         batch = batch.to(device)
         with autocast_for(precision, device):
-            logits, _ = model(batch[:, :-1])
-        nats += float(token_losses(logits, batch[:, 1:]).double().sum())
+            losses, _ = model.token_losses(batch)
+        nats += float(losses.double().sum())
         tokens += batch[:, 1:].numel()
         nbytes += int(token_bytes[batch[:, 1:].cpu()].sum())
     model.train(was_training)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from parallel.layout import mark_replicated, mark_tensor_parallel
+from parallel.tensor import SplitDropout, TensorParallel, column_linear, copy_to_group, row_linear
 from pretrain.model.init import init_linear_, trunc_normal_
 from pretrain.model.rope import apply_rotary
 
@@ -43,17 +44,20 @@ class GatedAttentionUnit(nn.Module):
         rope_base: float = 10000.0,
         attention_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tp
         self.zdim, self.hdim, self.window = zdim, hdim, window
         self.attention_fn, self.position = attention_fn, position
         self.rope_base = rope_base
-        # z (shared query/key) is small and replicated under tensor parallelism; r and v are
-        # column-parallel over H and the output projection row-parallel.
+        # z (shared query/key) is small and replicated under tensor parallelism: single-head
+        # scores are computed redundantly on every rank. r and v are column-parallel over H,
+        # the output projection row-parallel (its all-reduce returns the whole [M, B, D]).
         self.z_proj = nn.Linear(width, zdim)
-        self.r_proj = nn.Linear(width, hdim)
-        self.v_proj = nn.Linear(width, hdim)
-        self.out_proj = nn.Linear(hdim, width)
+        self.r_proj = column_linear(width, hdim, tp)
+        self.v_proj = column_linear(width, hdim, tp)
+        self.out_proj = row_linear(hdim, width, tp)
         self.qk_scale = nn.Parameter(torch.empty(2, zdim))
         self.qk_offset = nn.Parameter(torch.empty(2, zdim))
         if position == "simple":  # learned bias over the original-position distance
@@ -62,8 +66,8 @@ class GatedAttentionUnit(nn.Module):
             self.rel_bias = nn.Parameter(torch.empty(window + 1))
         else:
             self.register_parameter("rel_bias", None)
-        self.attention_dropout = nn.Dropout(attention_dropout)
-        self.hidden_dropout = nn.Dropout(hidden_dropout)
+        self.attention_dropout = nn.Dropout(attention_dropout)  # replicated weights
+        self.hidden_dropout = SplitDropout(hidden_dropout, tp)  # v is split over H
         for p in (*self.z_proj.parameters(), self.qk_scale, self.qk_offset, self.out_proj.bias):
             mark_replicated(p)
         if self.rel_bias is not None:
@@ -161,7 +165,10 @@ class GatedAttentionUnit(nn.Module):
 
         scores = torch.matmul(qb, kb.transpose(-1, -2)) * self.scale()
         weights = self.attention_weights(scores, allowed, pos_distance, act_distance)
-        out = torch.matmul(weights.to(vb.dtype), vb)  # [B, n, w, H]
+        # The weights are replicated; each rank's H-slice of v gives only part of their
+        # gradient: the backward all-reduce makes it whole before it reaches q, k and z.
+        weights = copy_to_group(weights, self.tp)
+        out = torch.matmul(weights.to(vb.dtype), vb)  # [B, n, w, H(/tp)]
         out = out.movedim(0, 2).reshape(blocks * w, *v.shape[1:])[:length]
 
         stats = None

@@ -12,7 +12,8 @@ def trunc_normal_(tensor: Tensor, std: float, mean: float = 0.0) -> Tensor:
     return nn.init.trunc_normal_(tensor, mean=mean, std=std, a=mean - 2 * std, b=mean + 2 * std)
 
 
-def init_linear_(layer: nn.Linear, std: float = 0.02) -> nn.Linear:
+def init_linear_(layer: nn.Module, std: float = 0.02) -> nn.Module:
+    """TN(0, std) weight, zero bias; for nn.Linear and megatron-core's parallel linears."""
     trunc_normal_(layer.weight, std=std)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)

@@ -20,7 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallel.layout import mark_replicated, mark_tensor_parallel
+from parallel.layout import mark_replicated, mark_sequence_parallel, mark_tensor_parallel
+from parallel.tensor import (
+    SINGLE,
+    SplitDropout,
+    TensorParallel,
+    broadcast_decision,
+    column_linear,
+    enter_channel_split,
+    gather_channels,
+    gather_sequence,
+    row_linear,
+    scatter_sequence,
+)
 from pretrain.config import ModelConfig
 from pretrain.model.ema import DampedEMA
 from pretrain.model.gau import GatedAttentionUnit
@@ -39,33 +51,47 @@ class LayerStats:
 
 
 class FeedForward(nn.Module):
-    """Optional FFN (no released config uses one): fc1 -> silu -> dropout -> fc2 -> dropout."""
+    """Optional FFN (no released config uses one): fc1 -> silu -> dropout -> fc2 -> dropout.
+    Megatron's MLP split: fc1 column-parallel, fc2 row-parallel."""
 
-    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+    def __init__(self, width: int, hidden: int, dropout: float, tp: TensorParallel) -> None:
         super().__init__()
-        self.fc1 = init_linear_(nn.Linear(width, hidden))
-        self.fc2 = init_linear_(nn.Linear(hidden, width))
-        self.dropout = nn.Dropout(dropout)
+        sp = tp.sequence_parallel
+        self.fc1 = init_linear_(column_linear(width, hidden, tp, sequence_parallel=sp))
+        self.fc2 = init_linear_(row_linear(hidden, width, tp, sequence_parallel=sp))
+        self.hidden_dropout = SplitDropout(dropout, tp)
+        self.dropout = SplitDropout(dropout, tp if sp else None)
         mark_tensor_parallel(self.fc1.weight, dim=0)
         mark_tensor_parallel(self.fc1.bias, dim=0)
         mark_tensor_parallel(self.fc2.weight, dim=1)
         mark_replicated(self.fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc2(self.dropout(F.silu(self.fc1(x)))))
+        return self.dropout(self.fc2(self.hidden_dropout(F.silu(self.fc1(x)))))
 
 
 class SeqBoatLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Under tensor parallelism (``tp``) the EMA runs on this rank's D/tp channels of the
+    whole sequence; with sequence parallelism the residual stream, norms and dropout hold
+    L/tp tokens. See parallel/tensor.py for the regions."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        tp = tp or SINGLE
+        self.tp = tp
         d = cfg.width
         self.prenorm = cfg.prenorm
         self.routing = cfg.routing
         self.norm = make_norm(cfg.norm, d)
-        self.ema = DampedEMA(d, cfg.ndim, cfg.ema_truncation)
+        self.ema = DampedEMA(tp.local(d, "model.width"), cfg.ndim, cfg.ema_truncation)
         # Row-parallel on the channel-split EMA output: every tensor-parallel rank ends up
         # with the same two routing logits and takes the same decision.
-        self.hx_proj = init_linear_(nn.Linear(d, d + 2 if cfg.routing == "sparse" else d))
+        self.hx_proj = init_linear_(
+            row_linear(
+                d, d + 2 if cfg.routing == "sparse" else d, tp,
+                sequence_parallel=tp.sequence_parallel,
+            )
+        )  # fmt: skip
         mark_tensor_parallel(self.hx_proj.weight, dim=1)
         mark_replicated(self.hx_proj.bias)
         self.router = (
@@ -85,24 +111,39 @@ class SeqBoatLayer(nn.Module):
                 cfg.rope_base,
                 cfg.attention_dropout,
                 cfg.hidden_dropout,
+                tp,
             )
         )
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.ffn = FeedForward(d, cfg.ffn_hidden, cfg.dropout) if cfg.ffn_hidden else None
+        self.ema_dropout = SplitDropout(cfg.dropout, tp)  # channel-split
+        # The residual stream is replicated, or sequence-split under sequence parallelism.
+        self.dropout = SplitDropout(cfg.dropout, tp if tp.sequence_parallel else None)
+        self.ffn = FeedForward(d, cfg.ffn_hidden, cfg.dropout, tp) if cfg.ffn_hidden else None
         self.ffn_norm = make_norm(cfg.norm, d) if cfg.ffn_hidden else None
+        if tp.sequence_parallel:
+            for norm in (self.norm, self.ffn_norm):
+                if norm is not None:
+                    mark_sequence_parallel(norm)
 
     def route(self, hx_and_logits: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Splits the projection into (hx, activated [L, B] or None, gate [L, B] or None)."""
+        """Splits the projection into (hx, activated [L, B] or None, gate [L, B] or None).
+
+        The decision and gate cover the whole sequence on every rank: under sequence
+        parallelism the [L/tp, B, 2] logits are gathered (the gate's gradient is already
+        whole on every rank, so the backward keeps this rank's part instead of summing)."""
         if self.router is None:
             return hx_and_logits, None, None
-        activated, gate = self.router(hx_and_logits[..., :2])
-        return hx_and_logits[..., 2:], activated, gate
+        logits = hx_and_logits[..., :2]
+        if self.tp.sequence_parallel:
+            logits = gather_sequence(logits, self.tp, complete_grad=True)
+        activated, gate = self.router(logits)
+        return hx_and_logits[..., 2:], broadcast_decision(activated, self.tp), gate
 
     def forward(self, x: Tensor, collect_stats: bool = False) -> tuple[Tensor, LayerStats | None]:
-        """x: [L, B, D] -> ([L, B, D], stats if ``collect_stats``)."""
-        length, batch = x.shape[:2]
+        """x: [L, B, D] ([L/tp, B, D] under sequence parallelism) -> (same shape, stats)."""
         h = self.norm(x) if self.prenorm else x
-        m = self.dropout(F.silu(self.ema(h)))
+        h = enter_channel_split(h, self.tp)  # [L, B, D/tp]
+        length, batch = h.shape[:2]
+        m = self.ema_dropout(F.silu(self.ema(h)))
         hx, activated, gate = self.route(self.hx_proj(m))
         stats = None
         if self.gau is None:
@@ -114,12 +155,13 @@ class SeqBoatLayer(nn.Module):
                 activated = torch.ones(length, batch, dtype=torch.bool, device=x.device)
             plan = plan_compression(activated)
             positions = torch.arange(length, device=x.device).unsqueeze(1).expand(-1, batch)
-            oc, span_stats = self.gau(
-                compress(m, plan), compress(positions, plan), plan.valid, collect_stats
-            )
+            # Only the activated tokens' channels cross the group: M x D, not L x D.
+            mc = gather_channels(compress(m, plan), self.tp)
+            oc, span_stats = self.gau(mc, compress(positions, plan), plan.valid, collect_stats)
             o = extract(oc, plan)
             if gate is not None:
                 o = o * gate.unsqueeze(-1)
+            o = scatter_sequence(o, self.tp)
             span = (span_stats.distance_sum, span_stats.pairs) if span_stats else None
         if collect_stats:
             stats = LayerStats(activated.detach(), *span)

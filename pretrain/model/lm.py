@@ -9,10 +9,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallel.layout import mark_replicated, mark_tensor_parallel
+from parallel.layout import mark_replicated, mark_sequence_parallel, mark_tensor_parallel
+from parallel.tensor import (
+    SINGLE,
+    SplitDropout,
+    TensorParallel,
+    column_linear,
+    cross_entropy,
+    embed,
+    lm_logits,
+    vocab_embedding,
+)
 from pretrain.config import ModelConfig
 from pretrain.model.layer import LayerStats, SeqBoatLayer
 from pretrain.model.norm import make_norm
@@ -24,28 +33,43 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    """With ``tp`` (tensor parallel, size > 1) the embedding and head are vocab-parallel and
+    ``forward`` returns this rank's vocabulary slice of the logits."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        tp = tp or SINGLE
+        if tp.active and cfg.arch != "seqboat":
+            raise ValueError("tensor parallelism is implemented for the SeqBoat architecture")
         self.cfg = cfg
+        self.tp = tp
         self.vocab_size = vocab_size
         self.padded_vocab = padded_vocab_size(vocab_size, cfg.vocab_multiple)
         d = cfg.width
-        self.embedding = nn.Embedding(self.padded_vocab, d)
+        self.embedding = vocab_embedding(self.padded_vocab, d, tp)
         self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
-        self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
-        layer_cls = SeqBoatLayer if cfg.arch == "seqboat" else TransformerLayer
-        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.layers))
+        self.embedding_dropout = SplitDropout(
+            cfg.embedding_dropout, tp if tp.sequence_parallel else None
+        )
+        if cfg.arch == "seqboat":
+            self.layers = nn.ModuleList(SeqBoatLayer(cfg, tp) for _ in range(cfg.layers))
+        else:
+            self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
         # Pre-norm stacks end with a norm (SEQBOAT.md §9.1); post-norm layers end normalised.
         self.final_norm = (
             make_norm(cfg.norm, d, affine=cfg.final_norm_affine) if cfg.prenorm else nn.Identity()
         )
-        self.head = None if cfg.tie_embeddings else nn.Linear(d, self.padded_vocab, bias=False)
+        self.head = (
+            None if cfg.tie_embeddings else column_linear(d, self.padded_vocab, tp, bias=False)
+        )
         # Vocab-parallel under tensor parallelism: split along the vocabulary.
         mark_tensor_parallel(self.embedding.weight, dim=0)
         if self.head is not None:
             mark_tensor_parallel(self.head.weight, dim=0)
         for p in self.final_norm.parameters():
             mark_replicated(p)
+        if tp.sequence_parallel:
+            mark_sequence_parallel(self.final_norm)
         self.reset_embedding()
 
     @torch.no_grad()
@@ -57,8 +81,8 @@ class LanguageModel(nn.Module):
     def forward(
         self, tokens: Tensor, collect_stats: bool = False
     ) -> tuple[Tensor, list[LayerStats] | None]:
-        """tokens: [B, L] -> (logits [L, B, padded vocab], per-layer stats or None)."""
-        x = self.embedding(tokens.t()) * self.embed_scale
+        """tokens: [B, L] -> (logits [L, B, padded vocab (/tp)], per-layer stats or None)."""
+        x = embed(self.embedding, tokens, self.tp) * self.embed_scale
         x = self.embedding_dropout(x)
         stats: list[LayerStats] = []
         for layer in self.layers:
@@ -69,18 +93,18 @@ class LanguageModel(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         weight = self.embedding.weight if self.head is None else self.head.weight
-        return F.linear(h, weight)
+        return lm_logits(h, weight, self.tp)
 
-    def loss(self, tokens: Tensor, collect_stats: bool = False) -> tuple[Tensor, list | None]:
-        """tokens: [B, L+1] (inputs and shifted targets) -> (mean loss over tokens, stats)."""
+    def token_losses(
+        self, tokens: Tensor, collect_stats: bool = False
+    ) -> tuple[Tensor, list[LayerStats] | None]:
+        """tokens: [B, L+1] (inputs, then shifted targets) -> (per-token loss [L, B], stats)."""
         logits, stats = self(tokens[:, :-1], collect_stats)
-        return token_losses(logits, tokens[:, 1:]).mean(), stats
+        return cross_entropy(logits, tokens[:, 1:].t().contiguous(), self.tp), stats
 
-
-def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
-    """logits [L, B, V], targets [B, L] -> per-token cross-entropy [L, B] in float32+."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    length, batch, vocab = logits.shape
-    losses = F.cross_entropy(logits.reshape(-1, vocab), targets.t().reshape(-1), reduction="none")
-    return losses.view(length, batch)
+    def loss(
+        self, tokens: Tensor, collect_stats: bool = False
+    ) -> tuple[Tensor, list[LayerStats] | None]:
+        """tokens: [B, L+1] -> (mean loss over all tokens, stats)."""
+        losses, stats = self.token_losses(tokens, collect_stats)
+        return losses.mean(), stats

@@ -1,0 +1,319 @@
+"""Tensor parallelism as SeqBoat needs it, built from megatron-core's layers and mappings.
+
+A model takes a ``TensorParallel`` (``None`` or size 1: plain single-process modules, no
+process group needed). With size > 1 the factories return megatron-core's
+Column/RowParallelLinear and VocabParallelEmbedding, and the region functions are
+megatron-core's autograd mappings; with size 1 they are the identity.
+
+Regions used by a SeqBoat layer (SEQBOAT.md §3 + DESIGN.md "Parallelism, decided"):
+  * ``enter_channel_split``: the full-width normed input, sliced to this rank's EMA channels;
+    its backward sums the channel-partial gradients across the group.
+  * ``gather_channels``: the compressed activated tokens' channels, all-gathered (M x D, so
+    this traffic shrinks with the activation ratio).
+  * ``copy_to_group``: a replicated tensor about to meet a column-split one (backward
+    all-reduce).
+  * ``gather_sequence`` / ``scatter_sequence``: Megatron sequence parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from parallel.comm import all_reduce_coalesced
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's place in its tensor-parallel group."""
+
+    size: int = 1
+    rank: int = 0
+    sequence_parallel: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def from_parallel_state(cls, sequence_parallel: bool = False) -> TensorParallel:
+        from megatron.core import parallel_state
+
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        return cls(
+            size=size,
+            rank=parallel_state.get_tensor_model_parallel_rank(),
+            sequence_parallel=sequence_parallel and size > 1,
+        )
+
+    def group(self) -> dist.ProcessGroup:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def local(self, width: int, what: str = "width") -> int:
+        if width % self.size:
+            raise ValueError(f"{what} {width} is not divisible by tensor parallel size {self.size}")
+        return width // self.size
+
+    def channel_slice(self, width: int) -> slice:
+        part = self.local(width)
+        return slice(self.rank * part, (self.rank + 1) * part)
+
+
+SINGLE = TensorParallel()
+
+
+def _megatron_config(tp: TensorParallel, sequence_parallel: bool):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp.size,
+        sequence_parallel=sequence_parallel,
+        # Like nn.Linear: the default dtype; models are cast with .to() afterwards.
+        params_dtype=torch.get_default_dtype(),
+        # Weights are loaded from the single-process model's split (same init as 1 process).
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _no_init(weight: Tensor) -> None:
+    pass
+
+
+def _column_cls():
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class ColumnLinear(ColumnParallelLinear):
+        """megatron-core's ColumnParallelLinear with the nn.Linear call convention."""
+
+        def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+            return super().forward(x)[0]
+
+    return ColumnLinear
+
+
+def _row_cls():
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class RowLinear(RowParallelLinear):
+        """megatron-core's RowParallelLinear with the nn.Linear call convention."""
+
+        def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+            return super().forward(x)[0]
+
+    return RowLinear
+
+
+def column_linear(
+    d_in: int, d_out: int, tp: TensorParallel | None, bias: bool = True,
+    sequence_parallel: bool = False,
+) -> nn.Module:  # fmt: skip
+    """Output features split over the group; the input is whole (or sequence-sharded under
+    ``sequence_parallel``, then gathered inside)."""
+    if tp is None or not tp.active:
+        return nn.Linear(d_in, d_out, bias=bias)
+    return _column_cls()(
+        d_in, d_out, config=_megatron_config(tp, sequence_parallel), init_method=_no_init,
+        bias=bias, gather_output=False,
+    )  # fmt: skip
+
+
+def row_linear(
+    d_in: int, d_out: int, tp: TensorParallel | None, bias: bool = True,
+    sequence_parallel: bool = False,
+) -> nn.Module:  # fmt: skip
+    """Input features split over the group; the output is all-reduced (reduce-scattered
+    along the sequence under ``sequence_parallel``)."""
+    if tp is None or not tp.active:
+        return nn.Linear(d_in, d_out, bias=bias)
+    return _row_cls()(
+        d_in, d_out, config=_megatron_config(tp, sequence_parallel), init_method=_no_init,
+        bias=bias, input_is_parallel=True, skip_bias_add=False,
+    )  # fmt: skip
+
+
+def vocab_embedding(vocab: int, width: int, tp: TensorParallel | None) -> nn.Module:
+    """Embedding rows split over the group (vocab-parallel)."""
+    if tp is None or not tp.active:
+        return nn.Embedding(vocab, width)
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    return VocabParallelEmbedding(
+        vocab, width, init_method=_no_init, config=_megatron_config(tp, False),
+        reduce_scatter_embeddings=tp.sequence_parallel,
+    )  # fmt: skip
+
+
+def embed(embedding: nn.Module, tokens: Tensor, tp: TensorParallel | None) -> Tensor:
+    """tokens [B, L] -> [L, B, D] ([L/tp, B, D] under sequence parallelism)."""
+    if tp is not None and tp.sequence_parallel:
+        return embedding(tokens)  # megatron transposes and reduce-scatters itself
+    return embedding(tokens.t())
+
+
+def lm_logits(h: Tensor, weight: Tensor, tp: TensorParallel | None) -> Tensor:
+    """h [L(/tp), B, D] -> this rank's vocabulary slice of the logits [L, B, V/tp]."""
+    if tp is not None and tp.active:
+        h = gather_sequence(h, tp) if tp.sequence_parallel else copy_to_group(h, tp)
+    return F.linear(h, weight)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, tp: TensorParallel | None) -> Tensor:
+    """logits [L, B, V(/tp)], targets [L, B] -> per-token loss [L, B] (float32 or wider)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if tp is not None and tp.active:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits, targets)
+    length, batch, vocab = logits.shape
+    losses = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="none")
+    return losses.view(length, batch)
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def copy_to_group(x: Tensor, tp: TensorParallel | None) -> Tensor:
+    """Forward identity, backward all-reduce: a replicated tensor used by split compute."""
+    if tp is None or not tp.active:
+        return x
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(x)
+
+
+def enter_channel_split(h: Tensor, tp: TensorParallel | None) -> Tensor:
+    """[L(/tp), B, D] -> [L, B, D/tp]: the whole sequence, this rank's channels.
+
+    Each rank's gradient covers only its channels; the backward of the gather (reduce-
+    scatter) or of the copy (all-reduce) sums them into the complete gradient.
+    """
+    if tp is None or not tp.active:
+        return h
+    full = gather_sequence(h, tp) if tp.sequence_parallel else copy_to_group(h, tp)
+    return full[..., tp.channel_slice(full.shape[-1])]
+
+
+def gather_channels(x: Tensor, tp: TensorParallel | None) -> Tensor:
+    """[..., D/tp] -> [..., D], backward: this rank's slice (the gradient must be complete)."""
+    if tp is None or not tp.active:
+        return x
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(x)
+
+
+def gather_sequence(x: Tensor, tp: TensorParallel, complete_grad: bool = False) -> Tensor:
+    """[L/tp, ...] -> [L, ...]. Backward reduce-scatters partial gradients, or, with
+    ``complete_grad`` (every rank already holds the whole gradient), keeps this rank's part."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=not complete_grad)
+
+
+def scatter_sequence(x: Tensor, tp: TensorParallel | None) -> Tensor:
+    """[L, ...] identical on all ranks -> this rank's [L/tp, ...]; backward all-gathers."""
+    if tp is None or not tp.sequence_parallel:
+        return x
+    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+    return scatter_to_sequence_parallel_region(x)
+
+
+def broadcast_decision(activated: Tensor, tp: TensorParallel | None) -> Tensor:
+    """Makes every rank of the group take rank 0's routing decision.
+
+    The logits are all-reduced, so they agree to the last bit on the backends we test, but
+    a data-dependent branch must not rest on that: one broadcast of L x B booleans.
+    """
+    if tp is None or not tp.active:
+        return activated
+    from megatron.core import parallel_state
+
+    decision = activated.to(torch.uint8)
+    dist.broadcast(decision, parallel_state.get_tensor_model_parallel_src_rank(), group=tp.group())
+    return decision.bool()
+
+
+class SplitDropout(nn.Dropout):
+    """Dropout in a tensor-split region: each rank's part draws its own mask, from
+    megatron-core's model-parallel RNG stream (different per tensor-parallel rank)."""
+
+    def __init__(self, p: float, tp: TensorParallel | None) -> None:
+        super().__init__(p)
+        self.split = tp is not None and tp.active
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.split or not self.training or self.p == 0:
+            return super().forward(x)
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        with get_cuda_rng_tracker().fork():
+            return super().forward(x)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def is_split(param: Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def shard_state_dict(full: dict[str, Tensor], model: nn.Module, tp: TensorParallel) -> dict:
+    """The single-process ``full`` state dict cut into ``model``'s tensor-parallel shards,
+    using the split each parameter records (megatron-core's ``partition_dim``)."""
+    out = {}
+    params = dict(model.named_parameters())
+    for name, local in model.state_dict().items():
+        if name.endswith("_extra_state"):
+            continue
+        if name not in full:
+            raise KeyError(f"{name} is missing from the full state dict")
+        tensor = full[name]
+        param = params.get(name)
+        if param is not None and is_split(param) and tp.active:
+            tensor = tensor.chunk(tp.size, dim=param.partition_dim)[tp.rank]
+        if tensor.shape != local.shape:
+            raise ValueError(f"{name}: shard {tuple(tensor.shape)} != local {tuple(local.shape)}")
+        out[name] = tensor.clone()
+    return out
+
+
+def gather_split(x: Tensor, dim: int, tp: TensorParallel) -> Tensor:
+    """All ranks' shards of ``x`` concatenated along ``dim`` (no autograd)."""
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=tp.group())
+    return torch.cat(parts, dim)
+
+
+def sync_sequence_parallel_grads(model: nn.Module, tp: TensorParallel) -> None:
+    """Sums the gradients of weights applied to sequence shards (norms, row biases), which
+    each rank computed from its part of the sequence only."""
+    if not tp.sequence_parallel:
+        return
+    grads = [
+        p.grad for p in model.parameters()
+        if getattr(p, "sequence_parallel", False) and p.grad is not None
+    ]  # fmt: skip
+    all_reduce_coalesced(grads, tp.group())
+
+
+def grad_norm_squared(params: list[nn.Parameter], tp: TensorParallel) -> Tensor:
+    """Sum of squared gradient entries over the whole (unsplit) model: split parameters
+    count on every rank, replicated ones once."""
+    grads = [p.grad for p in params if p.grad is not None and (is_split(p) or tp.rank == 0)]
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        total += g.detach().double().pow(2).sum()
+    if tp.active:
+        dist.all_reduce(total, group=tp.group())
+    return total

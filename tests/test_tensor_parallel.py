@@ -1,0 +1,232 @@
+"""Tensor (+ sequence, + data) parallel SeqBoat equals the single process, in float64.
+
+One spawn of 4 gloo processes runs every case; each case re-initializes megatron-core's
+model-parallel groups. Every rank also computes the single-process reference itself (same
+seed, same weights, the whole global batch), then the parallel model (the reference's
+state dict cut by ``shard_state_dict``) on its data-parallel rows; the loss and every
+gathered gradient must match to a relative error < 1e-10.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.multiproc import run_ranks
+
+WORLD = 4
+VOCAB = 50
+SEQ = 16
+BATCH = 4  # global batch: 2 rows per data-parallel rank when DP = 2
+
+# (name, tensor size, sequence parallel, activation pattern, model overrides)
+CASES = [
+    ("tp2-dp2", 2, False, "random", {}),
+    ("tp4", 4, False, "random", {"position": "simple", "tie_embeddings": False}),
+    ("tp2-sp-dp2", 2, True, "random", {"ffn_hidden": 16, "prenorm": False}),
+    ("tp4-sp", 4, True, "random", {"position": "local"}),
+    ("tp2-none", 2, True, "none", {}),
+    ("tp2-all", 2, False, "all", {"attention_fn": "relu2"}),
+    ("tp2-always", 2, True, "random", {"routing": "always"}),
+    ("tp2-never", 2, False, "random", {"routing": "never"}),
+    ("dp4", 1, False, "random", {}),
+]
+
+
+def model_config(overrides: dict):
+    from pretrain.config import ModelConfig
+
+    base = ModelConfig(layers=2, width=32, zdim=8, hdim=32, ndim=4, window=4, vocab_multiple=16)
+    return replace(base, **overrides)
+
+
+def set_pattern(model, pattern: str) -> None:
+    bias = {"random": 0.0, "none": 1e4, "all": -1e4}[pattern]
+    for layer in model.layers:
+        if getattr(layer, "router", None) is not None:
+            layer.router.act_bias = bias
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().clamp_min(1e-300)
+    return float((a - b).abs().max() / scale)
+
+
+def gradients(model, tp) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient, tensor-parallel shards gathered to the full shape."""
+    from parallel.tensor import gather_split, is_split
+
+    out = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if tp.active and is_split(param):
+            grad = gather_split(grad, param.partition_dim, tp)
+        out[name] = grad.clone()
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def check_case(rank: int, case: tuple) -> dict:
+    """Two objectives on the same weights and batch:
+
+    * a float64 surrogate, sum(logits * R) for a fixed random R, that runs the whole model
+      forward and backward (logits and every gradient must match to 1e-10);
+    * the language-model loss, whose megatron-core vocab-parallel cross-entropy computes in
+      float32 by design (loss and gradients to 1e-6).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from parallel.data_parallel import average, average_gradients
+    from parallel.tensor import TensorParallel, gather_split, shard_state_dict
+    from parallel.tensor import sync_sequence_parallel_grads as sync_sp
+    from pretrain.model.lm import LanguageModel
+
+    name, tp_size, sp, pattern, overrides = case
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    tp = TensorParallel.from_parallel_state(sequence_parallel=sp)
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    rows = slice(parallel_state.get_data_parallel_rank() * BATCH // dp_size, None)
+    rows = slice(rows.start, rows.start + BATCH // dp_size)
+
+    cfg = model_config(overrides)
+    torch.manual_seed(0)
+    reference = LanguageModel(cfg, VOCAB).double()
+    set_pattern(reference, pattern)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(
+        SEQ, BATCH, reference.padded_vocab, dtype=torch.float64,
+        generator=torch.Generator().manual_seed(2),
+    )  # fmt: skip
+
+    model = LanguageModel(cfg, VOCAB, tp=tp).double()
+    set_pattern(model, pattern)
+    model.load_state_dict(shard_state_dict(reference.state_dict(), model, tp))
+
+    # 1) float64 surrogate: the model itself, exactly.
+    ref_logits, ref_stats = reference(tokens[:, :-1], collect_stats=True)
+    ((ref_logits * weights).sum() / BATCH).backward()
+    ref_grads = gradients(reference, TensorParallel())
+    logits, stats = model(tokens[rows, :-1], collect_stats=True)
+    vocab = slice(tp.rank * logits.shape[-1], (tp.rank + 1) * logits.shape[-1])
+    ((logits * weights[:, rows, vocab]).sum() / (BATCH // dp_size)).backward()
+    sync_sp(model, tp)
+    average_gradients(model, dp_group, dp_size)
+    errors = {
+        "logits": relative_error(
+            gather_split(logits.detach(), 2, tp) if tp.active else logits.detach(),
+            ref_logits.detach()[:, rows],
+        )
+    }
+    errors.update({n: relative_error(g, ref_grads[n]) for n, g in gradients(model, tp).items()})
+
+    # 2) the loss, through megatron-core's float32 vocab-parallel cross-entropy.
+    ref_loss, _ = reference.loss(tokens)
+    ref_loss.backward()
+    ref_grads = gradients(reference, TensorParallel())
+    loss, _ = model.loss(tokens[rows])
+    loss.backward()
+    sync_sp(model, tp)
+    average_gradients(model, dp_group, dp_size)
+    loss_errors = {"loss": relative_error(average(loss.detach(), dp_group, dp_size), ref_loss)}
+    loss_errors.update(
+        {n: relative_error(g, ref_grads[n]) for n, g in gradients(model, tp).items()}
+    )
+
+    # Every tensor-parallel rank took the same routing decision, the reference's.
+    for i, (mine, ref) in enumerate(zip(stats or [], ref_stats or [], strict=True)):
+        assert torch.equal(mine.activated, ref.activated[:, rows]), f"{name}: layer {i} routing"
+        if tp.active:
+            everyone = gather_split(mine.activated.to(torch.uint8), 0, tp)
+            assert (everyone.view(tp.size, -1) == everyone.view(tp.size, -1)[0]).all()
+    ratios = [float(s.activated.double().mean()) for s in ref_stats or []]
+    dist.barrier()
+    return {"exact": errors, "loss": loss_errors, "ratios": ratios}
+
+
+def check_near_ties(rank: int) -> dict:
+    """Routing is identical on all tensor-parallel ranks even where a logit margin sits on
+    the decision threshold, and ``broadcast_decision`` overrides ranks that disagree."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from parallel.tensor import TensorParallel, broadcast_decision, gather_split, shard_state_dict
+    from pretrain.model.lm import LanguageModel
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    tp = TensorParallel.from_parallel_state()
+    cfg = model_config({"layers": 1})
+    torch.manual_seed(0)
+    reference = LanguageModel(cfg, VOCAB).double()
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    captured = {}
+    layer = reference.layers[0]
+    hook = layer.hx_proj.register_forward_hook(lambda m, i, o: captured.update(u=o[..., :2]))
+    reference(tokens)
+    hook.remove()
+    margin = (captured["u"][..., 1] - captured["u"][..., 0]).flatten().sort().values
+    model = LanguageModel(cfg, VOCAB, tp=tp).double()
+    model.load_state_dict(shard_state_dict(reference.state_dict(), model, tp))
+    # The threshold exactly at the median margin: that token is a tie in the reference.
+    model.layers[0].router.act_bias = float(margin[margin.numel() // 2])
+    _, stats = model(tokens, collect_stats=True)
+    everyone = gather_split(stats[0].activated.to(torch.uint8), 0, tp).view(tp.size, -1)
+    # Deliberately different decisions per rank come out as the first rank's.
+    forced = broadcast_decision(torch.full((SEQ, 2), bool(tp.rank % 2)), tp)
+    dist.barrier()
+    return {
+        "tie_ranks_agree": bool((everyone == everyone[0]).all()),
+        "broadcast_takes_rank0": bool((~forced).all()),
+    }
+
+
+def worker(rank: int, world: int) -> list:
+    import torch.distributed as dist
+
+    from parallel import cpu_compat
+
+    cpu_compat.install()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        return [check_case(rank, case) for case in CASES] + [check_near_ties(rank)]
+    finally:
+        from megatron.core import parallel_state
+
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results() -> list:
+    return run_ranks(worker, WORLD, timeout=600)
+
+
+def test_routing_agrees_across_tensor_ranks_at_ties(results: list) -> None:
+    for rank_results in results:
+        assert rank_results[-1] == {"tie_ranks_agree": True, "broadcast_takes_rank0": True}
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_parallel_equals_single_process(results: list, index: int) -> None:
+    name, _, _, pattern, overrides = CASES[index]
+    for rank_results in results:
+        case = rank_results[index]
+        worst = max(case["exact"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-10, f"{name}: {worst}"
+        worst = max(case["loss"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-6, f"{name}: {worst}"
+        ratios = case["ratios"]
+        if overrides.get("routing", "sparse") != "sparse":
+            continue
+        if pattern == "none":
+            assert all(r == 0 for r in ratios)
+        elif pattern == "all":
+            assert all(r == 1 for r in ratios)
+        else:
+            assert all(0.05 < r < 0.95 for r in ratios), ratios
