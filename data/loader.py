@@ -225,8 +225,9 @@ def validation_samples(
     dp_size: int = 1,
 ) -> torch.Tensor:
     """The first ``num_samples`` samples of the held-out documents (sources round robin,
-    sample by sample, no shuffle), rounded down to a multiple of ``dp_size``; returns this
-    rank's contiguous rows, LongTensor ``[n // dp_size, seq_length + 1]``."""
+    sample by sample, no shuffle); returns this rank's contiguous share, LongTensor
+    ``[~n / dp_size, seq_length + 1]``. Shares differ by at most one sample, so that the
+    union over ranks (the set a validation loss is summed over) does not depend on dp_size."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     holdout = _holdout_every(cfg.val_fraction)
@@ -247,10 +248,11 @@ def validation_samples(
                 streams.remove(stream)
             else:
                 samples.append(sample)
-    per_rank = len(samples) // dp_size
-    if per_rank == 0:
+    if not samples:
         raise ValueError(
-            f"{len(samples)} validation samples of {seq_length + 1} tokens cannot be split over "
-            f"{dp_size} ranks; raise val_fraction or add data"
+            f"the validation documents hold no sample of {seq_length + 1} tokens; "
+            "raise val_fraction or add data"
         )
-    return torch.tensor(samples[dp_rank * per_rank : (dp_rank + 1) * per_rank], dtype=torch.int64)
+    n = len(samples)
+    share = samples[dp_rank * n // dp_size : (dp_rank + 1) * n // dp_size]
+    return torch.tensor(share, dtype=torch.int64).view(len(share), seq_length + 1)

@@ -17,6 +17,7 @@ Regions used by a SeqBoat layer (SEQBOAT.md §3 + DESIGN.md "Parallelism, decide
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -317,3 +318,47 @@ def grad_norm_squared(params: list[nn.Parameter], tp: TensorParallel) -> Tensor:
     if tp.active:
         dist.all_reduce(total, group=tp.group())
     return total
+
+
+def full_state_dict(model: nn.Module, tp: TensorParallel) -> dict[str, Tensor]:
+    """The single-process state dict, tensor-parallel shards gathered (collective over the
+    tensor group); the inverse of ``shard_state_dict``."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("_extra_state"):
+            continue
+        param = params.get(name)
+        if tp.active and param is not None and is_split(param):
+            tensor = gather_split(tensor, param.partition_dim, tp)
+        out[name] = tensor.detach().clone()
+    return out
+
+
+def split_layout(model: nn.Module) -> dict[str, int]:
+    """``{parameter name: partition dim}`` of the split parameters (the rest are whole)."""
+    return {name: p.partition_dim for name, p in model.named_parameters() if is_split(p)}
+
+
+def merge_shards(shards: list[dict[str, Tensor]], layout: dict[str, int]) -> dict[str, Tensor]:
+    """Tensor-parallel ranks' state dicts (in rank order) -> the single-process state dict."""
+    merged = {}
+    for name, tensor in shards[0].items():
+        if name.endswith("_extra_state"):
+            continue
+        if name in layout and len(shards) > 1:
+            tensor = torch.cat([s[name] for s in shards], dim=layout[name])
+        merged[name] = tensor
+    return merged
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float, tp: TensorParallel) -> float:
+    """Scales gradients so that the whole model's gradient norm is at most ``max_norm``
+    (0 = no clipping); returns the norm before clipping (inf/nan if non-finite)."""
+    norm = float(grad_norm_squared(params, tp).sqrt())
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from data.tokenizer import Tokenizer, build_tokenizer
-from pretrain.checkpoint import load_latest
+from parallel.tensor import SINGLE, TensorParallel, merge_shards, shard_state_dict
+from pretrain.checkpoint import complete_checkpoints, load_rank_file, read_meta
 from pretrain.config import Config, OptimizerConfig, config_from_dict, parse_yaml
 from pretrain.model.lm import LanguageModel
 
@@ -29,9 +30,20 @@ def tokenizer_for(cfg: Config) -> Tokenizer:
     return build_tokenizer(cfg.data.tokenizer, cfg.data.sources)
 
 
-def model_for(cfg: Config, vocab_size: int, device: torch.device) -> LanguageModel:
-    """The model in its master precision (bf16 runs keep fp32 weights and autocast)."""
-    return LanguageModel(cfg.model, vocab_size).to(device=device, dtype=DTYPES[cfg.train.precision])
+def model_for(
+    cfg: Config, vocab_size: int, device: torch.device, tp: TensorParallel = SINGLE
+) -> LanguageModel:
+    """The model in its master precision (bf16 runs keep fp32 weights and autocast).
+
+    Under tensor parallelism every rank builds the single-process model from the same seed
+    and keeps its shard, so a parallel run starts from exactly the weights of one process.
+    """
+    model = LanguageModel(cfg.model, vocab_size)
+    if tp.active:
+        full = model.state_dict()
+        model = LanguageModel(cfg.model, vocab_size, tp)
+        model.load_state_dict(shard_state_dict(full, model, tp))
+    return model.to(device=device, dtype=DTYPES[cfg.train.precision])
 
 
 def optimizer_for(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -68,19 +80,25 @@ def scheduler_for(
 
 
 def load_trained(run_dir: Path, device: torch.device | None = None):
-    """(config, tokenizer, model with the latest checkpoint's weights, step) of a run."""
-
+    """(config, tokenizer, single-process model with the newest checkpoint's weights, step)
+    of a run, whatever the number of ranks that trained it (tensor shards are merged)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = config_from_dict(parse_yaml(config_path.read_text()))
-    loaded = load_latest(run_dir)
-    if loaded is None:
+    checkpoints = complete_checkpoints(run_dir)
+    if not checkpoints:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    state, _ = loaded
+    ckpt = checkpoints[-1]
+    meta = read_meta(ckpt)
+    # Ranks 0 .. tp-1 are data-parallel rank 0's tensor-parallel shards.
+    first = load_rank_file(ckpt, 0, meta)
+    shards = [first["model"]] + [
+        load_rank_file(ckpt, r, meta)["model"] for r in range(1, first["layout"]["tp_size"])
+    ]
     device = device or select_device(cfg)
     tokenizer = tokenizer_for(cfg)
     model = model_for(cfg, tokenizer.vocab_size, device)
-    model.load_state_dict(state["model"])
-    return cfg, tokenizer, model, int(state["train"]["step"])
+    model.load_state_dict(merge_shards(shards, first["layout"]["split"]))
+    return cfg, tokenizer, model, int(first["train"]["step"])

@@ -3,12 +3,14 @@
 Layout of ``<run_dir>/checkpoints``::
 
     step_00000100/
-        rank_00000.pt     this rank's state: model, optimizer, scheduler, data loader, RNG, ...
-        meta.json         written last: step, world size, sha256 of every rank file
+        rank_00000.pt     each rank's state: model shard, optimizer, scheduler, data loader, RNG
+        rank_00001.pt     ...
+        meta.json         written last, by rank 0: step, world size, sha256 of every rank file
     latest                name of the newest complete checkpoint (moved last)
 
-A checkpoint is written into ``step_X.tmp``, every file fsynced, then renamed; the ``latest``
-pointer moves only after that, so a kill at any moment leaves the previous checkpoint usable.
+Every rank writes its file into ``step_X.tmp`` and fsyncs it; once all have (a barrier),
+rank 0 writes the meta, renames the folder and only then moves ``latest``, so a kill at any
+moment leaves the previous checkpoint usable.
 Files are plain ``torch.save`` dicts of tensors and Python primitives, loaded with
 ``weights_only=True``. The per-rank layout is what sharded saving extends.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -46,37 +49,41 @@ def rank_file(rank: int) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> Path:
-    """Writes the single process's ``state`` for ``step`` and publishes the checkpoint.
+    """Every rank writes its ``state`` for ``step``; rank 0 publishes once all are written.
 
-    With several ranks, each writes its ``rank_*.pt`` into the same ``.tmp`` folder and
-    rank 0 publishes (meta, rename, pointer) after a barrier: the sharded format's job.
+    Collective when a process group is initialized: every rank must call it.
     """
-    rank, world_size = 0, 1
+    rank, world_size = _rank_and_world()
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
     tmp = root / (step_name(step) + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
     path = tmp / rank_file(rank)
     torch.save(state, path)
     _fsync(path)
-    meta = {
-        "format": FORMAT_VERSION,
-        "step": step,
-        "world_size": world_size,
-        "sha256": {rank_file(rank): _sha256(path)},
-    }
-    _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-    _fsync(tmp)
-    if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    _write_atomic(root / LATEST, final.name + "\n")
-    if keep_last > 0:
-        _prune(root, keep_last)
+    checksums = dict(_gather((rank_file(rank), _sha256(path))))
+    if rank == 0:
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "world_size": world_size,
+            "sha256": checksums,
+        }
+        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        _fsync(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        _write_atomic(root / LATEST, final.name + "\n")
+        if keep_last > 0:
+            _prune(root, keep_last)
+    _barrier()
     return final
 
 
@@ -93,30 +100,50 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: p.name)
 
 
-def load_latest(run_dir: Path, rank: int = 0) -> tuple[dict[str, Any], Path] | None:
-    """The state of the newest usable checkpoint, or None if the run has none.
+def load_latest(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """This rank's state in the newest checkpoint every rank can use, or None if none exists.
 
-    Starts from the ``latest`` pointer; a checkpoint that fails its checksum or does not
-    load is reported on stderr and the previous complete one is tried.
+    Starts from the ``latest`` pointer; a checkpoint whose file fails its checksum or does
+    not load on any rank is reported and the previous complete one is tried (all ranks
+    agree on the choice). Collective when a process group is initialized.
     """
+    rank, world_size = _rank_and_world()
     candidates = complete_checkpoints(run_dir)
     pointer = checkpoint_dir(run_dir) / LATEST
     if pointer.is_file():
-        named = checkpoint_dir(run_dir) / pointer.read_text().strip()
-        candidates = [p for p in candidates if p.name <= named.name]
+        named = pointer.read_text().strip()
+        candidates = [p for p in candidates if p.name <= named]
     errors = []
     for ckpt in reversed(candidates):
+        state, error = None, None
         try:
-            return load_checkpoint(ckpt, rank), ckpt
+            state = load_checkpoint(ckpt, rank, world_size)
         except CheckpointError as e:
-            errors.append(str(e))
-            print(f"seqboat: warning: {e}; trying an earlier checkpoint", file=sys.stderr)
+            error = str(e)
+        failures = [e for e in _gather(error) if e is not None]
+        if not failures:
+            return state, ckpt
+        errors.extend(failures)
+        if rank == 0:
+            for e in failures:
+                print(f"seqboat: warning: {e}; trying an earlier checkpoint", file=sys.stderr)
     if errors:
         raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
     return None
 
 
-def load_checkpoint(ckpt: Path, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(ckpt: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    meta = read_meta(ckpt)
+    if meta["world_size"] != world_size:
+        raise CheckpointError(
+            f"{ckpt} was written by {meta['world_size']} ranks and this run has {world_size}; "
+            "resuming on a different number of ranks needs resharding, which this format "
+            "does not do yet"
+        )
+    return load_rank_file(ckpt, rank, meta)
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
     meta_path = ckpt / "meta.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -124,6 +151,11 @@ def load_checkpoint(ckpt: Path, rank: int = 0) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def load_rank_file(ckpt: Path, rank: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """One rank's file, its checksum verified; loaded with ``weights_only=True``."""
     name = rank_file(rank)
     path = ckpt / name
     if not path.is_file():
@@ -134,6 +166,27 @@ def load_checkpoint(ckpt: Path, rank: int = 0) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
         raise CheckpointError(f"{path}: cannot be loaded ({e})") from None
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (just ``[obj]`` on one process)."""
+    world_size = _rank_and_world()[1]
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _prune(root: Path, keep_last: int) -> None:

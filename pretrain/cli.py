@@ -86,13 +86,25 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """One process, or one rank of a torchrun / srun launch (the world comes from the
+    launcher's environment)."""
+    from parallel.topology import ParallelSizes, detect_world, init_distributed, shutdown
     from pretrain.train import Trainer
 
     cfg = _config(args)
-    result = Trainer(cfg, progress=not args.no_progress).train()
-    v = result.val
-    print(f"step {result.step}: val loss {v['loss']:.4f}  ppl {v['ppl']:.2f}  bpb {v['bpb']:.4f}")
-    print(f"sample: {result.sample}")
+    world = detect_world()
+    topology = None
+    if world.world_size > 1:
+        topology = init_distributed(ParallelSizes(tensor=cfg.parallel.tensor), world)
+    result = Trainer(cfg, progress=not args.no_progress, topology=topology).train()
+    if topology is not None:  # not on failure: a barrier would wait for the ranks that died
+        shutdown()
+    if world.rank == 0:
+        v = result.val
+        print(
+            f"step {result.step}: val loss {v['loss']:.4f}  ppl {v['ppl']:.2f}  bpb {v['bpb']:.4f}"
+        )
+        print(f"sample: {result.sample}")
     return 0
 
 

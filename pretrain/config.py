@@ -104,6 +104,14 @@ class WandbConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run is split over processes; data parallelism takes the rest of the world."""
+
+    tensor: int = 1
+    sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor > 1)
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     dir: str | None = None  # default: runs/<name>
@@ -118,6 +126,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -335,12 +344,37 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr={o.lr}]")
     if o.clip_grad < 0:
         raise ConfigError(f"optimizer.clip_grad must be >= 0 (0 = off), got {o.clip_grad}")
+    _validate_parallel(cfg)
     if not 0.0 <= d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction must be in [0, 0.5), got {d.val_fraction}")
     if not d.sources:
         raise ConfigError("data.sources must name at least one source")
     for i, src in enumerate(d.sources):
         _validate_source(f"data.sources.{i}", src)
+
+
+def _validate_parallel(cfg: Config) -> None:
+    """What the config alone can tell; sizes against the world are checked at launch."""
+    p, m = cfg.parallel, cfg.model
+    if p.tensor <= 0:
+        raise ConfigError(f"parallel.tensor must be positive, got {p.tensor}")
+    if p.tensor == 1:
+        if p.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+        return
+    if m.arch != "seqboat":
+        raise ConfigError("parallel.tensor > 1 is implemented for model.arch=seqboat only")
+    for key, value in [
+        ("model.width", m.width), ("model.hdim", m.hdim), ("model.ffn_hidden", m.ffn_hidden),
+        ("model.vocab_multiple", m.vocab_multiple),
+    ]:  # fmt: skip
+        if value % p.tensor:
+            raise ConfigError(f"{key} ({value}) must be divisible by parallel.tensor ({p.tensor})")
+    if p.sequence_parallel and cfg.train.seq_length % p.tensor:
+        raise ConfigError(
+            f"train.seq_length ({cfg.train.seq_length}) must be divisible by parallel.tensor "
+            f"({p.tensor}) with sequence parallelism"
+        )
 
 
 def _validate_source(key: str, src: SourceConfig) -> None:
@@ -367,6 +401,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "ParallelConfig",
     "RunConfig",
     "SourceConfig",
     "TokenizerConfig",

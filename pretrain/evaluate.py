@@ -6,6 +6,7 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from pretrain.model.lm import LanguageModel
@@ -24,9 +25,11 @@ def evaluate(
     token_bytes: Tensor,
     micro_batch_size: int,
     precision: str = "fp32",
+    dp_group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
-    """samples: [N, L+1] token ids. Bits per byte divide the summed loss by the UTF-8 bytes
-    the target tokens decode to, so it compares across tokenizers."""
+    """samples: [N, L+1] token ids (this data-parallel rank's share; sums are reduced over
+    ``dp_group``). Bits per byte divide the summed loss by the UTF-8 bytes the target
+    tokens decode to, so it compares across tokenizers."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -39,6 +42,10 @@ def evaluate(
         tokens += batch[:, 1:].numel()
         nbytes += int(token_bytes[batch[:, 1:].cpu()].sum())
     model.train(was_training)
+    if dp_group is not None:
+        totals = torch.tensor([nats, tokens, nbytes], dtype=torch.float64, device=device)
+        dist.all_reduce(totals, group=dp_group)
+        nats, tokens, nbytes = totals.tolist()
     loss = nats / max(tokens, 1)
     return {
         "loss": loss,

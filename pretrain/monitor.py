@@ -32,10 +32,17 @@ def wandb_mode(cfg: Config) -> str:
 
 
 class Monitor:
-    def __init__(self, cfg: Config, run_dir: Path, run_id: str, resume_step: int) -> None:
+    """Logs from one rank (``enabled``); the others keep the same calls as no-ops."""
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, run_id: str, resume_step: int, enabled: bool = True
+    ) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        truncate_metrics(self.path, resume_step)
+        self.enabled = enabled
         self.run = None
+        if not enabled:
+            return
+        truncate_metrics(self.path, resume_step)
         mode = wandb_mode(cfg)
         if mode != "disabled":
             import wandb
@@ -54,6 +61,8 @@ class Monitor:
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

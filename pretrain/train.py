@@ -17,9 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data.loader import PretrainLoader, validation_samples
+from data.tokenizer import Tokenizer
+from parallel.data_parallel import average, average_gradients, data_parallel_group
+from parallel.tensor import (
+    SINGLE,
+    TensorParallel,
+    clip_gradients,
+    full_state_dict,
+    split_layout,
+    sync_sequence_parallel_grads,
+)
+from parallel.topology import Topology
 from pretrain.build import model_for, optimizer_for, scheduler_for, select_device, tokenizer_for
 from pretrain.checkpoint import load_latest, save_checkpoint
 from pretrain.config import Config, ConfigError, parse_yaml, save_config
@@ -57,22 +69,51 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, progress: bool = True) -> None:
+    """One rank's share of a run. ``topology`` comes from ``parallel.topology.init_distributed``
+    (tensor x data parallel); without it the run is a single process with no process group."""
+
+    def __init__(
+        self, cfg: Config, progress: bool = True, topology: Topology | None = None
+    ) -> None:
         self.cfg = cfg
-        self.progress = progress
+        self.topo = topology or Topology.single()
+        self.distributed = self.topo.world.world_size > 1
+        self.main = self.topo.is_main
+        self.progress = progress and self.main
         self.run_dir = cfg.run_dir
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = select_device(cfg)
-        _seed_everything(t.seed)
-        self.tokenizer = tokenizer_for(cfg)
-        self.model = model_for(cfg, self.tokenizer.vocab_size, self.device)
+        self.tp = (
+            TensorParallel.from_parallel_state(cfg.parallel.sequence_parallel)
+            if self.distributed
+            else SINGLE
+        )
+        self.dp_group = data_parallel_group() if self.distributed else None
+        dp_rank, dp_size = self.topo.dp_rank, self.topo.dp_size
+        if t.global_batch_size % (t.micro_batch_size * dp_size):
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp_size})"
+            )
+        self.device = self.topo.device if self.distributed else select_device(cfg)
+        _seed_everything(t.seed)  # the same on every rank: the same initial weights
+        self.tokenizer = self._tokenizer()
+        self.model = model_for(cfg, self.tokenizer.vocab_size, self.device, self.tp)
+        # Dropout streams: one per data-parallel rank; megatron-core's tracker adds one per
+        # tensor-parallel rank for the split regions.
+        _seed_everything(t.seed + 100 * dp_rank)
+        if self.tp.active:
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(t.seed + 100 * dp_rank)
         self.optimizer = optimizer_for(self.model, cfg.optimizer)
         self.scheduler = scheduler_for(self.optimizer, cfg.optimizer, t.max_steps)
-        self.loader = PretrainLoader(cfg.data, self.tokenizer, t.seq_length, t.global_batch_size)
+        self.loader = PretrainLoader(
+            cfg.data, self.tokenizer, t.seq_length, t.global_batch_size, dp_rank, dp_size
+        )
         self.val_samples = validation_samples(
-            cfg.data, self.tokenizer, t.seq_length, t.eval_samples
+            cfg.data, self.tokenizer, t.seq_length, t.eval_samples, dp_rank, dp_size
         )
         self.token_bytes = self.tokenizer.token_bytes()
         self.step = 0
@@ -81,17 +122,29 @@ class Trainer:
         self._stop_requested = False
         self._resume()
 
+    def _tokenizer(self) -> Tokenizer:
+        """Rank 0 trains a missing tokenizer; the others wait and load it."""
+        tokenizer = tokenizer_for(self.cfg) if self.main else None
+        self._barrier()
+        return tokenizer if tokenizer is not None else tokenizer_for(self.cfg)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
     # ------------------------------------------------------------------ run directory
 
     def _resume(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         saved = self.run_dir / "config.yaml"
-        if saved.is_file():
-            _check_resumable(parse_yaml(saved.read_text()), self.cfg.to_dict(), self.run_dir)
-        save_config(self.cfg, saved)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if saved.is_file():
+                _check_resumable(parse_yaml(saved.read_text()), self.cfg.to_dict(), self.run_dir)
+            save_config(self.cfg, saved)
+        self._barrier()
         loaded = load_latest(self.run_dir)
         if loaded is None:
-            self.run_id = new_run_id()
+            self.run_id = _broadcast_object(new_run_id() if self.main else None, self.distributed)
             return
         state, path = loaded
         self.model.load_state_dict(state["model"])
@@ -102,7 +155,8 @@ class Trainer:
         self.step = int(state["train"]["step"])
         self.skipped_steps = int(state["train"]["skipped_steps"])
         self.run_id = str(state["train"]["run_id"])
-        print(f"seqboat: resuming {self.run_dir} from {path.name}", file=sys.stderr)
+        if self.main:
+            print(f"seqboat: resuming {self.run_dir} from {path.name}", file=sys.stderr)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -110,11 +164,19 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
-            "rng": _rng_state(),
+            "rng": _rng_state(self.tp),
             "train": {
                 "step": self.step,
                 "skipped_steps": self.skipped_steps,
                 "run_id": self.run_id,
+            },
+            # How this rank's model shard fits the whole (merged by ``load_trained``).
+            "layout": {
+                "tp_rank": self.tp.rank,
+                "tp_size": self.tp.size,
+                "dp_rank": self.topo.dp_rank,
+                "dp_size": self.topo.dp_size,
+                "split": split_layout(self.model),
             },
         }
 
@@ -127,7 +189,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
-        monitor = Monitor(cfg, self.run_dir, self.run_id, resume_step=self.step)
+        monitor = Monitor(cfg, self.run_dir, self.run_id, self.step, enabled=self.main)
         previous_handlers = self._install_stop_handlers()
         bar = tqdm(
             total=t.max_steps, initial=self.step, disable=not self.progress, desc="train",
@@ -180,7 +242,7 @@ class Trainer:
                 if self.step % cfg.checkpoint.interval == 0 or self.step == t.max_steps:
                     self.save()
                     last_saved = self.step
-                if self._stop_requested:
+                if self._stop_agreed():
                     if last_saved != self.step:
                         self.save()
                     raise Preempted(self.step)
@@ -191,6 +253,14 @@ class Trainer:
         if val is None:  # the run was already complete: nothing trained, report anyway
             val = self.evaluate()
         return TrainResult(self.step, val, self.sample())
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: all ranks save and leave at the same step."""
+        if not self.distributed:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _train_step(self, collect_stats: bool) -> tuple[float, float, list[LayerStats] | None]:
         t = self.cfg.train
@@ -203,11 +273,15 @@ class Trainer:
             with autocast_for(t.precision, self.device):
                 loss, micro_stats = self.model.loss(micro.to(self.device), collect_stats and i == 0)
             (loss / len(micro_batches)).backward()
-            total += float(loss.detach()) / len(micro_batches)
+            total += loss.detach().double() / len(micro_batches)
             stats = stats or micro_stats
-        clip = self.cfg.optimizer.clip_grad
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        sync_sequence_parallel_grads(self.model, self.tp)
+        if self.dp_group is not None:
+            average_gradients(self.model, self.dp_group, self.topo.dp_size)
+            total = average(total, self.dp_group, self.topo.dp_size)
+        total = float(total)
+        grad_norm = clip_gradients(
+            list(self.model.parameters()), self.cfg.optimizer.clip_grad, self.tp
         )
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.optimizer.step()
@@ -219,15 +293,25 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         return evaluate(
             self.model, self.val_samples, self.token_bytes, self.cfg.train.micro_batch_size,
-            self.cfg.train.precision,
+            self.cfg.train.precision, self.dp_group,
         )  # fmt: skip
 
     def sample(self, prompt_tokens: int = 16, new_tokens: int = 48) -> str:
-        """A short generated continuation of the first validation text."""
+        """A short generated continuation of the first validation text (by rank 0, from
+        the whole model; empty on the other ranks)."""
+        model = self.model
+        if self.tp.active:  # decoding runs on the whole model: gather the shards
+            full = full_state_dict(self.model, self.tp)
+            if not self.main:
+                return ""
+            model = model_for(self.cfg, self.tokenizer.vocab_size, self.device)
+            model.load_state_dict(full)
+        if not self.main:
+            return ""
         prompt = self.val_samples[0, :prompt_tokens].tolist()
         generator = torch.Generator().manual_seed(self.cfg.train.seed)
         out = generate(
-            self.model, prompt, new_tokens, temperature=0.8, top_k=40, generator=generator,
+            model, prompt, new_tokens, temperature=0.8, top_k=40, generator=generator,
             eos_id=self.tokenizer.eos_id,
         )  # fmt: skip
         return self.tokenizer.decode(prompt) + " >>> " + self.tokenizer.decode(out)
@@ -291,10 +375,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(tp: TensorParallel) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if tp.active:  # megatron-core's per-tensor-rank dropout stream
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        state["tracker"] = get_cuda_rng_tracker().get_states()
     return state
 
 
@@ -303,3 +391,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "tracker" in state:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _broadcast_object(obj: Any, distributed: bool) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -7,6 +7,7 @@ rank's traceback is raised in the test process.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import traceback
 from collections.abc import Callable
@@ -15,10 +16,23 @@ from typing import Any
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` ports free now, below the ephemeral range.
+
+    Not port 0's pick: that comes from the ephemeral range, where gloo's own connections
+    take ports too, and one may grab a port found here before its store listens on it.
+    """
+    ports: list[int] = []
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports found")
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
@@ -41,7 +55,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> lis
     returns the per-rank results."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    (port,) = free_ports(1)
     procs = [
         ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True)
         for r in range(world)
