@@ -52,8 +52,21 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options may come between overrides (``train a=1 --no-progress b=2``): argparse stops
+    a ``nargs="*"`` positional at the first option, so the rest arrive as extras."""
+    ap = parser()
+    args, extra = ap.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        ap.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     # Heavy imports after argument parsing: `seqboat --help` stays instant.
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError

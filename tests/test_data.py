@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import re
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -20,10 +19,8 @@ from data.loader import PretrainLoader, validation_samples
 from data.packing import Packer
 from data.sources import iter_texts, open_source
 from data.tokenizer import ByteTokenizer, build_tokenizer, train_sentencepiece
+from tests.conftest import CORPUS
 
-CORPUS = Path(
-    os.environ.get("SEQBOAT_CORPUS_DIR", Path(__file__).resolve().parents[2] / "shared" / "corpus")
-)
 BYTES = ByteTokenizer()
 
 

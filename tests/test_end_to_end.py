@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.monitor import read_metrics
-
-CORPUS = Path(
-    os.environ.get("SEQBOAT_CORPUS_DIR", Path(__file__).resolve().parents[2] / "shared" / "corpus")
-)
+from tests.conftest import CORPUS
 
 SMALL_RUN = [
     "model.layers=2",
