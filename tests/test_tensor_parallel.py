@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.multiproc import run_ranks
+from parallel.local import run_ranks
 
 WORLD = 4
 VOCAB = 50

@@ -18,7 +18,7 @@ from parallel.topology import (
     shutdown,
     validate_sizes,
 )
-from tests.multiproc import free_ports, run_ranks
+from parallel.local import free_ports, run_ranks
 
 TORCHRUN = {
     "RANK": "5",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.monitor import read_metrics
-from tests.multiproc import free_ports
+from parallel.local import free_ports
 
 RUN = [
     "--no-progress",

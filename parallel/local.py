@@ -1,7 +1,7 @@
-"""Run a function on N local processes joined in a gloo process group, for tests.
+"""Run a function on N local processes that form a gloo world (tests and benchmarks).
 
 Each call gets a free port, a hard timeout, and leaves no process behind: the first failing
-rank's traceback is raised in the test process.
+rank's traceback is raised in the calling process.
 """
 
 from __future__ import annotations
