@@ -30,3 +30,10 @@ def mark_sequence_parallel(module: nn.Module) -> None:
     ``sequence_parallel`` attribute)."""
     for p in module.parameters():
         p.sequence_parallel = True
+
+
+def mark_partial_grad(param: nn.Parameter) -> None:
+    """``param`` is replicated but each tensor-parallel rank computes only part of its
+    gradient (it sits on the path of a column-split activation's gradient): the parts are
+    summed over the tensor group."""
+    param.partial_grad = True

@@ -10,8 +10,8 @@ Regions used by a SeqBoat layer (SEQBOAT.md §3 + DESIGN.md "Parallelism, decide
     its backward sums the channel-partial gradients across the group.
   * ``gather_channels``: the compressed activated tokens' channels, all-gathered (M x D, so
     this traffic shrinks with the activation ratio).
-  * ``copy_to_group``: a replicated tensor about to meet a column-split one (backward
-    all-reduce).
+  * ``copy_to_group``: a replicated tensor whose gradient each rank holds only part of
+    (backward all-reduce).
   * ``gather_sequence`` / ``scatter_sequence``: Megatron sequence parallelism.
 """
 
@@ -295,15 +295,21 @@ def gather_split(x: Tensor, dim: int, tp: TensorParallel) -> Tensor:
     return torch.cat(parts, dim)
 
 
-def sync_sequence_parallel_grads(model: nn.Module, tp: TensorParallel) -> None:
-    """Sums the gradients of weights applied to sequence shards (norms, row biases), which
-    each rank computed from its part of the sequence only."""
-    if not tp.sequence_parallel:
+def sync_partial_grads(model: nn.Module, tp: TensorParallel) -> None:
+    """Sums, over the tensor group, the gradients each rank holds only part of: weights
+    applied to sequence shards (norms, row biases; megatron-core's ``sequence_parallel``)
+    and replicated weights on a split activation's gradient path (``partial_grad``)."""
+    if not tp.active:
         return
     grads = [
-        p.grad for p in model.parameters()
-        if getattr(p, "sequence_parallel", False) and p.grad is not None
-    ]  # fmt: skip
+        p.grad
+        for p in model.parameters()
+        if p.grad is not None
+        and (
+            (tp.sequence_parallel and getattr(p, "sequence_parallel", False))
+            or getattr(p, "partial_grad", False)
+        )
+    ]
     all_reduce_coalesced(grads, tp.group())
 
 

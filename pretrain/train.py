@@ -29,7 +29,7 @@ from parallel.tensor import (
     clip_gradients,
     full_state_dict,
     split_layout,
-    sync_sequence_parallel_grads,
+    sync_partial_grads,
 )
 from parallel.topology import Topology
 from pretrain.build import model_for, optimizer_for, scheduler_for, select_device, tokenizer_for
@@ -136,10 +136,13 @@ class Trainer:
 
     def _resume(self) -> None:
         saved = self.run_dir / "config.yaml"
+        # Every rank checks (the same file, the same verdict: no rank waits for one that
+        # raised); rank 0 writes.
+        if saved.is_file():
+            _check_resumable(parse_yaml(saved.read_text()), self.cfg.to_dict(), self.run_dir)
+        self._barrier()
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if saved.is_file():
-                _check_resumable(parse_yaml(saved.read_text()), self.cfg.to_dict(), self.run_dir)
             save_config(self.cfg, saved)
         self._barrier()
         loaded = load_latest(self.run_dir)
@@ -275,7 +278,7 @@ class Trainer:
             (loss / len(micro_batches)).backward()
             total += loss.detach().double() / len(micro_batches)
             stats = stats or micro_stats
-        sync_sequence_parallel_grads(self.model, self.tp)
+        sync_partial_grads(self.model, self.tp)
         if self.dp_group is not None:
             average_gradients(self.model, self.dp_group, self.topo.dp_size)
             total = average(total, self.dp_group, self.topo.dp_size)

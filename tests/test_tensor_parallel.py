@@ -81,7 +81,7 @@ def check_case(rank: int, case: tuple) -> dict:
 
     from parallel.data_parallel import average, average_gradients
     from parallel.tensor import TensorParallel, gather_split, shard_state_dict
-    from parallel.tensor import sync_sequence_parallel_grads as sync_sp
+    from parallel.tensor import sync_partial_grads as sync_sp
     from pretrain.model.lm import LanguageModel
 
     name, tp_size, sp, pattern, overrides = case

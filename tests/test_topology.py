@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel.local import free_ports, run_ranks
 from parallel.topology import (
     ParallelSizes,
     Topology,
@@ -18,7 +19,6 @@ from parallel.topology import (
     shutdown,
     validate_sizes,
 )
-from parallel.local import free_ports, run_ranks
 
 TORCHRUN = {
     "RANK": "5",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.monitor import read_metrics
 from parallel.local import free_ports
+from pretrain.monitor import read_metrics
 
 RUN = [
     "--no-progress",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallel.layout import mark_replicated, mark_tensor_parallel
+from parallel.layout import mark_partial_grad, mark_replicated, mark_tensor_parallel
 from parallel.tensor import SplitDropout, TensorParallel, column_linear, copy_to_group, row_linear
 from pretrain.model.init import init_linear_, trunc_normal_
 from pretrain.model.rope import apply_rotary
@@ -70,8 +70,11 @@ class GatedAttentionUnit(nn.Module):
         self.hidden_dropout = SplitDropout(hidden_dropout, tp)  # v is split over H
         for p in (*self.z_proj.parameters(), self.qk_scale, self.qk_offset, self.out_proj.bias):
             mark_replicated(p)
-        if self.rel_bias is not None:
-            mark_replicated(self.rel_bias)
+        # Between the attention weights and z, gradients are per-rank partial sums.
+        for p in (self.qk_scale, self.qk_offset, self.rel_bias):
+            if p is not None:
+                mark_replicated(p)
+                mark_partial_grad(p)
         for lin in (self.r_proj, self.v_proj):
             mark_tensor_parallel(lin.weight, dim=0)
             mark_tensor_parallel(lin.bias, dim=0)
@@ -89,7 +92,10 @@ class GatedAttentionUnit(nn.Module):
 
     def project(self, m: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """m: [..., D], positions: [...] original positions -> q, k [..., Z]; v, r [..., H]."""
-        z = F.silu(self.z_proj(m))
+        # Under tensor parallelism z is replicated but its gradient is not: each rank's part
+        # of the attention gradient comes from its H-slice of v. The backward all-reduce
+        # here makes it whole (M x Z, smaller than the [M, 2w] attention weights).
+        z = copy_to_group(F.silu(self.z_proj(m)), self.tp)
         r = F.silu(self.r_proj(m))
         v = self.hidden_dropout(F.silu(self.v_proj(m)))
         q = z * self.qk_scale[0] + self.qk_offset[0]
@@ -165,9 +171,6 @@ class GatedAttentionUnit(nn.Module):
 
         scores = torch.matmul(qb, kb.transpose(-1, -2)) * self.scale()
         weights = self.attention_weights(scores, allowed, pos_distance, act_distance)
-        # The weights are replicated; each rank's H-slice of v gives only part of their
-        # gradient: the backward all-reduce makes it whole before it reaches q, k and z.
-        weights = copy_to_group(weights, self.tp)
         out = torch.matmul(weights.to(vb.dtype), vb)  # [B, n, w, H(/tp)]
         out = out.movedim(0, 2).reshape(blocks * w, *v.shape[1:])[:length]
 
