@@ -52,6 +52,7 @@ def ring_wire(payload: dict[str, int], size: int) -> float:
 
 
 def worker(rank: int, world: int, args: dict) -> dict:
+    warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE / CUDA on CPU
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -61,7 +62,6 @@ def worker(rank: int, world: int, args: dict) -> dict:
     from pretrain.config import ModelConfig
     from pretrain.model.layer import SeqBoatLayer
 
-    warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE / CUDA on CPU
     cpu_compat.install()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
@@ -164,6 +164,9 @@ def main() -> None:
         total = sum(result["bytes"].values()) / 2**20
         print(
             f"{'':>10} | {'total':>22} | {total:>12.3f} | {sum(expected.values()) / 2**20:>10.3f}"
+        )
+        print(
+            f"{'':>10} | {'ring wire bytes, MiB':>22} | {ring_wire(result['bytes'], tp):>12.3f} |"
         )
 
 

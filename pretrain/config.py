@@ -45,6 +45,7 @@ class ModelConfig:
     prenorm: bool = True
     final_norm_affine: bool = True
     ema_truncation: int | None = None
+    ema_chunk: int = 1024  # the EMA's FFT length during training (0: the whole sequence)
     init_temp_scale: float = 1.0
     act_bias: float = 0.0  # added to the skip logit: > 0 favours skipping
     ffn_hidden: int = 0  # 0 = no FFN (every released SeqBoat config)
@@ -318,8 +319,12 @@ def validate(cfg: Config) -> None:
     ]:  # fmt: skip
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
-    if m.ffn_hidden < 0 or t.threads < 0 or o.warmup_steps < 0:
-        raise ConfigError("model.ffn_hidden, train.threads and optimizer.warmup_steps must be >= 0")
+    for key, value in [
+        ("model.ffn_hidden", m.ffn_hidden), ("model.ema_chunk", m.ema_chunk),
+        ("train.threads", t.threads), ("optimizer.warmup_steps", o.warmup_steps),
+    ]:  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
     if m.arch == "seqboat" and m.window > t.seq_length:
         raise ConfigError(
             f"model.window ({m.window}) must not exceed train.seq_length ({t.seq_length})"

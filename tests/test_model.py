@@ -186,6 +186,21 @@ def test_ema_untruncated_and_truncated():
         assert rel_err(long_trunc(x), ref) < 1e-10
 
 
+@pytest.mark.parametrize(("length", "chunk"), [(100, 7), (257, 64), (257, 256), (64, 64)])
+def test_ema_chunked_convolution_matches_recurrence(length, chunk):
+    """Training's chunked FFT (states carried between chunks) is the untruncated EMA."""
+    x = torch.randn(length, 2, 5, requires_grad=True)
+    ema = make_ema(truncation=None)
+    chunked = DampedEMA(5, ema.ndim, None, chunk)
+    chunked.load_state_dict(ema.state_dict())
+    ref, _ = ema_recurrence(ema, x)
+    y = chunked(x)
+    assert rel_err(y, ref) < 1e-10
+    (grad_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    (grad,) = torch.autograd.grad(y.pow(2).sum(), x)
+    assert rel_err(grad, grad_ref) < 1e-10
+
+
 def test_ema_gradient_matches_recurrence():
     ema = make_ema(channels=3, ndim=4)
     x = torch.randn(19, 2, 3, requires_grad=True)

@@ -5,7 +5,9 @@ Per channel c and state n (SEQBOAT.md §4):
     y_t = (1/sqrt N) * sum_n eta * h_t + omega * x_t
 
 Three ways to compute the same thing, all on sequence-major [L, B, C] inputs:
-  * ``forward``         FFT convolution with the unrolled kernel (training);
+  * ``forward``         FFT convolution with the unrolled kernel (training); past ``chunk``
+                        tokens, FFT convolutions within chunks plus states carried between
+                        them, so the cost stays linear in L (O(L log chunk), not O(L log L));
   * ``scan_chunk``      the convolution plus the contribution of a carried-in state, and the
                         state after the chunk (sequence parallelism passes states between ranks);
   * ``step``            the recurrence for one token (decoding).
@@ -24,11 +26,14 @@ from pretrain.model.init import trunc_normal_
 
 
 class DampedEMA(nn.Module):
-    def __init__(self, channels: int, ndim: int = 16, truncation: int | None = None) -> None:
+    def __init__(
+        self, channels: int, ndim: int = 16, truncation: int | None = None, chunk: int = 0
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.ndim = ndim
         self.truncation = truncation
+        self.chunk = chunk  # 0: one FFT over the whole sequence
         # Names follow the reference code: sigmoid(delta) is the input weight p, sigmoid(alpha)
         # the damping d (the MEGA paper swaps the two names).
         self.delta = nn.Parameter(torch.empty(channels, ndim))
@@ -77,9 +82,33 @@ class DampedEMA(nn.Module):
         """x: [L, B, C] -> y: [L, B, C] with zero initial state."""
         length = x.shape[0]
         dtype = self.compute_dtype(x)
-        klen = length if self.truncation is None else min(self.truncation, length)
-        y = fft_causal_conv(x.to(dtype), self.kernel(klen, dtype))
+        if self.truncation is None and 0 < self.chunk < length:
+            y = self._chunked_conv(x.to(dtype))
+        else:
+            klen = length if self.truncation is None else min(self.truncation, length)
+            y = fft_causal_conv(x.to(dtype), self.kernel(klen, dtype))
         return (y + self.omega.to(dtype) * x.to(dtype)).to(x.dtype)
+
+    def _chunked_conv(self, x: Tensor) -> Tensor:
+        """The untruncated convolution, chunk by chunk: an FFT within each chunk (all chunks
+        at once), and each chunk's final state decayed into the chunks after it."""
+        length, batch, channels = x.shape
+        k = self.chunk
+        n = -(-length // k)
+        xs = F.pad(x, (0, 0, 0, 0, 0, n * k - length)).view(n, k, batch, channels)
+        b, q, c = self.coefficients(x.dtype)
+        powers = self._powers(q, k + 1, x.dtype, start=0)  # q^0 .. q^k, [C, N, k+1]
+        kernel = torch.einsum("cn,cnl->cl", c * b, powers[..., :k])
+        inner = fft_causal_conv(xs.transpose(0, 1).reshape(k, n * batch, channels), kernel)
+        y = inner.view(k, n, batch, channels).transpose(0, 1)
+        # Each chunk's own final state, then the states carried into every chunk.
+        own = torch.einsum("jkbc,cnk->jbcn", xs, powers[..., :k].flip(-1)) * b
+        carried = [torch.zeros_like(own[0])]
+        for j in range(n - 1):
+            carried.append(carried[-1] * powers[..., k] + own[j])
+        # The state carried into a chunk reaches its output t decayed by q^{t+1}.
+        y = y + torch.einsum("jbcn,cnk->jkbc", torch.stack(carried) * c, powers[..., 1:])
+        return y.reshape(n * k, batch, channels)[:length]
 
     def scan_chunk(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Exact EMA over a chunk that continues a sequence whose state before it is ``state``.

@@ -83,7 +83,9 @@ class SeqBoatLayer(nn.Module):
         self.prenorm = cfg.prenorm
         self.routing = cfg.routing
         self.norm = make_norm(cfg.norm, d)
-        self.ema = DampedEMA(tp.local(d, "model.width"), cfg.ndim, cfg.ema_truncation)
+        self.ema = DampedEMA(
+            tp.local(d, "model.width"), cfg.ndim, cfg.ema_truncation, cfg.ema_chunk
+        )
         # Row-parallel on the channel-split EMA output: every tensor-parallel rank ends up
         # with the same two routing logits and takes the same decision.
         self.hx_proj = init_linear_(
