@@ -199,6 +199,11 @@ def test_ema_chunked_convolution_matches_recurrence(length, chunk):
     (grad_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
     (grad,) = torch.autograd.grad(y.pow(2).sum(), x)
     assert rel_err(grad, grad_ref) < 1e-10
+    # With a carried-in state: outputs and the final state (the last chunk may be padded).
+    state = torch.randn(2, 5, ema.ndim, dtype=F64)
+    ref, h_last = ema_recurrence(ema, x.detach(), state)
+    y, final = chunked.scan_chunk(x.detach(), state)
+    assert rel_err(y, ref) < 1e-10 and rel_err(final, h_last) < 1e-10
 
 
 def test_ema_gradient_matches_recurrence():

@@ -5,11 +5,11 @@ Per channel c and state n (SEQBOAT.md §4):
     y_t = (1/sqrt N) * sum_n eta * h_t + omega * x_t
 
 Three ways to compute the same thing, all on sequence-major [L, B, C] inputs:
-  * ``forward``         FFT convolution with the unrolled kernel (training); past ``chunk``
-                        tokens, FFT convolutions within chunks plus states carried between
-                        them, so the cost stays linear in L (O(L log chunk), not O(L log L));
-  * ``scan_chunk``      the convolution plus the contribution of a carried-in state, and the
-                        state after the chunk (sequence parallelism passes states between ranks);
+  * ``forward``         FFT convolution (training): within chunks of ``chunk`` tokens, with the
+                        states carried between chunks, so that the cost stays linear in L
+                        (O(L log chunk) rather than O(L log L)) and no [C, N, L] tensor exists;
+  * ``scan_chunk``      the same plus the contribution of a carried-in state, and the state
+                        after the chunk (sequence parallelism passes states between ranks);
   * ``step``            the recurrence for one token (decoding).
 """
 
@@ -80,57 +80,74 @@ class DampedEMA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [L, B, C] -> y: [L, B, C] with zero initial state."""
+        if self.truncation is None:
+            return self.scan_chunk(x)[0]
         length = x.shape[0]
         dtype = self.compute_dtype(x)
-        if self.truncation is None and 0 < self.chunk < length:
-            y = self._chunked_conv(x.to(dtype))
-        else:
-            klen = length if self.truncation is None else min(self.truncation, length)
-            y = fft_causal_conv(x.to(dtype), self.kernel(klen, dtype))
+        kernel = self.kernel(min(self.truncation, length), dtype)
+        y = fft_causal_conv(x.to(dtype), kernel)
         return (y + self.omega.to(dtype) * x.to(dtype)).to(x.dtype)
 
-    def _chunked_conv(self, x: Tensor) -> Tensor:
-        """The untruncated convolution, chunk by chunk: an FFT within each chunk (all chunks
-        at once), and each chunk's final state decayed into the chunks after it."""
+    def scan_chunk(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Exact EMA over a chunk that continues a sequence whose state before it is ``state``.
+
+        x: [L, B, C]; state: [B, C, N] or None (zero). Returns (y [L, B, C], final state
+        [B, C, N]). The untruncated recurrence, computed ``chunk`` tokens at a time.
+        """
+        dtype = self.compute_dtype(x)
+        xc = x.to(dtype)
+        y, final = self._zero_state_scan(xc)
+        if state is not None:
+            state = state.to(dtype)
+            y = y + self.state_response(state, x.shape[0])
+            final = final + state * self.chunk_decay(x.shape[0], dtype)
+        return (y + self.omega.to(dtype) * xc).to(x.dtype), final
+
+    def state_response(self, state: Tensor, length: int) -> Tensor:
+        """What a state carried into a sequence adds to its first ``length`` outputs:
+        sum_n eta/sqrt(N) * q^(t+1) * state; [length, B, C] (omega's skip not included)."""
+        k, n = self._chunking(length)
+        _, q, c = self.coefficients(state.dtype)
+        powers = self._powers(q, k + 1, state.dtype, start=0)
+        carried = [state]  # the state entering chunk j is state * q^(j k)
+        for _ in range(n - 1):
+            carried.append(carried[-1] * powers[..., k])
+        y = torch.einsum("jbcn,cnk->jkbc", torch.stack(carried) * c, powers[..., 1:])
+        return y.reshape(n * k, *state.shape[:2])[:length]
+
+    def chunk_decay(self, length: int, dtype: torch.dtype) -> Tensor:
+        """q^length [C, N]: how much of a state survives ``length`` tokens."""
+        return self._powers(self.coefficients(dtype)[1], 1, dtype, start=length)[..., 0]
+
+    def _chunking(self, length: int) -> tuple[int, int]:
+        """(chunk length, number of chunks) for a sequence of ``length`` tokens."""
+        k = self.chunk if 0 < self.chunk < length else length
+        return k, -(-length // k)
+
+    def _zero_state_scan(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """An FFT convolution within each chunk (all chunks at once), and each chunk's final
+        state decayed into the chunks after it: linear in L. Returns (y without omega's
+        skip, final state)."""
         length, batch, channels = x.shape
-        k = self.chunk
-        n = -(-length // k)
+        k, n = self._chunking(length)
         xs = F.pad(x, (0, 0, 0, 0, 0, n * k - length)).view(n, k, batch, channels)
         b, q, c = self.coefficients(x.dtype)
         powers = self._powers(q, k + 1, x.dtype, start=0)  # q^0 .. q^k, [C, N, k+1]
         kernel = torch.einsum("cn,cnl->cl", c * b, powers[..., :k])
         inner = fft_causal_conv(xs.transpose(0, 1).reshape(k, n * batch, channels), kernel)
         y = inner.view(k, n, batch, channels).transpose(0, 1)
-        # Each chunk's own final state, then the states carried into every chunk.
+        # Each chunk's own final state: h = sum_s q^(k-1-s) p beta x_s.
         own = torch.einsum("jkbc,cnk->jbcn", xs, powers[..., :k].flip(-1)) * b
         carried = [torch.zeros_like(own[0])]
         for j in range(n - 1):
             carried.append(carried[-1] * powers[..., k] + own[j])
-        # The state carried into a chunk reaches its output t decayed by q^{t+1}.
+        # The state carried into a chunk reaches its output t decayed by q^(t+1).
         y = y + torch.einsum("jbcn,cnk->jkbc", torch.stack(carried) * c, powers[..., 1:])
-        return y.reshape(n * k, batch, channels)[:length]
-
-    def scan_chunk(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Exact EMA over a chunk that continues a sequence whose state before it is ``state``.
-
-        x: [L, B, C]; state: [B, C, N] or None (zero). Returns (y [L, B, C], final state
-        [B, C, N]). Truncation is not applied: the chunk scan is the untruncated recurrence.
-        """
-        length = x.shape[0]
-        dtype = self.compute_dtype(x)
-        xc = x.to(dtype)
-        b, q, c = self.coefficients(dtype)
-        powers = self._powers(q, length + 1, dtype, start=0)  # q^0 .. q^L, [C, N, L+1]
-        y = fft_causal_conv(xc, torch.einsum("cn,cnl->cl", c * b, powers[..., :length]))
-        # Final state: h_{L-1} = sum_s q^{L-1-s} * p*beta * x_s  (+ q^L * state).
-        final = torch.einsum("lbc,cnl->bcn", xc, powers[..., :length].flip(-1)) * b
-        if state is not None:
-            state = state.to(dtype)
-            # The carried state reaches output t decayed by q^{t+1}.
-            y = y + torch.einsum("bcn,cnl->lbc", state * c, powers[..., 1:])
-            final = final + state * powers[..., length]
-        y = y + self.omega.to(dtype) * xc
-        return y.to(x.dtype), final
+        # The last chunk may be padded: its final state counts only its r real tokens.
+        r = length - (n - 1) * k
+        last = torch.einsum("kbc,cnk->bcn", xs[-1, :r], powers[..., :r].flip(-1)) * b
+        final = carried[-1] * powers[..., r] + last
+        return y.reshape(n * k, batch, channels)[:length], final
 
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One token. x: [B, C]; state: [B, C, N]. Returns (y [B, C], new state)."""
