@@ -9,10 +9,12 @@ from torch import Tensor, nn
 from parallel.comm import all_reduce_coalesced
 
 
-def data_parallel_group() -> dist.ProcessGroup:
+def data_parallel_group(with_context: bool = False) -> dist.ProcessGroup:
+    """The data-parallel group; ``with_context``: the ranks of the context-parallel groups
+    too (they hold different tokens of the same model, like data-parallel ranks)."""
     from megatron.core import parallel_state
 
-    return parallel_state.get_data_parallel_group()
+    return parallel_state.get_data_parallel_group(with_context_parallel=with_context)
 
 
 def average_gradients(model: nn.Module, group: dist.ProcessGroup, size: int) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from data.tokenizer import Tokenizer, build_tokenizer
+from parallel.context import SINGLE_CONTEXT, ContextParallel
 from parallel.tensor import SINGLE, TensorParallel, merge_shards, shard_state_dict
 from pretrain.checkpoint import complete_checkpoints, load_rank_file, read_meta
 from pretrain.config import Config, OptimizerConfig, config_from_dict, parse_yaml
@@ -31,17 +32,21 @@ def tokenizer_for(cfg: Config) -> Tokenizer:
 
 
 def model_for(
-    cfg: Config, vocab_size: int, device: torch.device, tp: TensorParallel = SINGLE
+    cfg: Config,
+    vocab_size: int,
+    device: torch.device,
+    tp: TensorParallel = SINGLE,
+    cp: ContextParallel = SINGLE_CONTEXT,
 ) -> LanguageModel:
     """The model in its master precision (bf16 runs keep fp32 weights and autocast).
 
-    Under tensor parallelism every rank builds the single-process model from the same seed
+    Under model parallelism every rank builds the single-process model from the same seed
     and keeps its shard, so a parallel run starts from exactly the weights of one process.
     """
     model = LanguageModel(cfg.model, vocab_size)
-    if tp.active:
+    if tp.active or cp.active:
         full = model.state_dict()
-        model = LanguageModel(cfg.model, vocab_size, tp)
+        model = LanguageModel(cfg.model, vocab_size, tp, cp)
         model.load_state_dict(shard_state_dict(full, model, tp))
     return model.to(device=device, dtype=DTYPES[cfg.train.precision])
 

@@ -108,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = detect_world()
     topology = None
     if world.world_size > 1:
-        topology = init_distributed(ParallelSizes(tensor=cfg.parallel.tensor), world)
+        sizes = ParallelSizes(tensor=cfg.parallel.tensor, context=cfg.parallel.context)
+        topology = init_distributed(sizes, world)
     result = Trainer(cfg, progress=not args.no_progress, topology=topology).train()
     if topology is not None:  # not on failure: a barrier would wait for the ranks that died
         shutdown()

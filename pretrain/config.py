@@ -110,6 +110,7 @@ class ParallelConfig:
 
     tensor: int = 1
     sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor > 1)
+    context: int = 1  # each sequence split over this many ranks (EMA states + attention halo)
 
 
 @dataclass
@@ -361,8 +362,16 @@ def validate(cfg: Config) -> None:
 def _validate_parallel(cfg: Config) -> None:
     """What the config alone can tell; sizes against the world are checked at launch."""
     p, m = cfg.parallel, cfg.model
-    if p.tensor <= 0:
-        raise ConfigError(f"parallel.tensor must be positive, got {p.tensor}")
+    if p.tensor <= 0 or p.context <= 0:
+        raise ConfigError(f"parallel.tensor and parallel.context must be positive, got {p}")
+    if p.context > 1:
+        if m.arch != "seqboat":
+            raise ConfigError("parallel.context > 1 is implemented for model.arch=seqboat only")
+        if cfg.train.seq_length % p.context:
+            raise ConfigError(
+                f"train.seq_length ({cfg.train.seq_length}) must be divisible by "
+                f"parallel.context ({p.context})"
+            )
     if p.tensor == 1:
         if p.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
@@ -375,10 +384,10 @@ def _validate_parallel(cfg: Config) -> None:
     ]:  # fmt: skip
         if value % p.tensor:
             raise ConfigError(f"{key} ({value}) must be divisible by parallel.tensor ({p.tensor})")
-    if p.sequence_parallel and cfg.train.seq_length % p.tensor:
+    if p.sequence_parallel and (cfg.train.seq_length // p.context) % p.tensor:
         raise ConfigError(
-            f"train.seq_length ({cfg.train.seq_length}) must be divisible by parallel.tensor "
-            f"({p.tensor}) with sequence parallelism"
+            f"train.seq_length / parallel.context ({cfg.train.seq_length // p.context}) must be "
+            f"divisible by parallel.tensor ({p.tensor}) with sequence parallelism"
         )
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel.context import SINGLE_CONTEXT, ContextParallel
 from pretrain.model.lm import LanguageModel
 
 
@@ -26,16 +27,18 @@ def evaluate(
     micro_batch_size: int,
     precision: str = "fp32",
     dp_group: dist.ProcessGroup | None = None,
+    cp: ContextParallel = SINGLE_CONTEXT,
 ) -> dict[str, float]:
-    """samples: [N, L+1] token ids (this data-parallel rank's share; sums are reduced over
-    ``dp_group``). Bits per byte divide the summed loss by the UTF-8 bytes the target
-    tokens decode to, so it compares across tokenizers."""
+    """samples: [N, L+1] token ids (this data-parallel rank's share, cut to this rank's
+    chunk under context parallelism; sums are reduced over ``dp_group``). Bits per byte
+    divide the summed loss by the UTF-8 bytes the target tokens decode to, so it compares
+    across tokenizers."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nats, tokens, nbytes = 0.0, 0, 0
     for batch in samples.split(micro_batch_size):
-        batch = batch.to(device)
+        batch = cp.chunk(batch).to(device)
         with autocast_for(precision, device):
             losses, _ = model.token_losses(batch)
         nats += float(losses.double().sum())

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data.loader import PretrainLoader, validation_samples
 from data.tokenizer import Tokenizer
+from parallel.context import SINGLE_CONTEXT, ContextParallel
 from parallel.data_parallel import average, average_gradients, data_parallel_group
 from parallel.tensor import (
     SINGLE,
@@ -89,7 +90,11 @@ class Trainer:
             if self.distributed
             else SINGLE
         )
-        self.dp_group = data_parallel_group() if self.distributed else None
+        self.cp = ContextParallel.from_parallel_state() if self.distributed else SINGLE_CONTEXT
+        # Gradients and losses are averaged over the replicas that see different tokens: the
+        # data-parallel ranks and, within each, the context-parallel ranks.
+        self.dp_group = data_parallel_group(with_context=True) if self.distributed else None
+        self.dp_cp_size = self.topo.dp_size * self.cp.size
         dp_rank, dp_size = self.topo.dp_rank, self.topo.dp_size
         if t.global_batch_size % (t.micro_batch_size * dp_size):
             raise ConfigError(
@@ -99,7 +104,7 @@ class Trainer:
         self.device = self.topo.device if self.distributed else select_device(cfg)
         _seed_everything(t.seed)  # the same on every rank: the same initial weights
         self.tokenizer = self._tokenizer()
-        self.model = model_for(cfg, self.tokenizer.vocab_size, self.device, self.tp)
+        self.model = model_for(cfg, self.tokenizer.vocab_size, self.device, self.tp, self.cp)
         # Dropout streams: one per data-parallel rank; megatron-core's tracker adds one per
         # tensor-parallel rank for the split regions.
         _seed_everything(t.seed + 100 * dp_rank)
@@ -177,6 +182,8 @@ class Trainer:
             "layout": {
                 "tp_rank": self.tp.rank,
                 "tp_size": self.tp.size,
+                "cp_rank": self.cp.rank,
+                "cp_size": self.cp.size,
                 "dp_rank": self.topo.dp_rank,
                 "dp_size": self.topo.dp_size,
                 "split": split_layout(self.model),
@@ -274,14 +281,16 @@ class Trainer:
         self.model.train()
         for i, micro in enumerate(micro_batches):
             with autocast_for(t.precision, self.device):
-                loss, micro_stats = self.model.loss(micro.to(self.device), collect_stats and i == 0)
+                loss, micro_stats = self.model.loss(
+                    self.cp.chunk(micro).to(self.device), collect_stats and i == 0
+                )
             (loss / len(micro_batches)).backward()
             total += loss.detach().double() / len(micro_batches)
             stats = stats or micro_stats
         sync_partial_grads(self.model, self.tp)
         if self.dp_group is not None:
-            average_gradients(self.model, self.dp_group, self.topo.dp_size)
-            total = average(total, self.dp_group, self.topo.dp_size)
+            average_gradients(self.model, self.dp_group, self.dp_cp_size)
+            total = average(total, self.dp_group, self.dp_cp_size)
         total = float(total)
         grad_norm = clip_gradients(
             list(self.model.parameters()), self.cfg.optimizer.clip_grad, self.tp
@@ -296,14 +305,14 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         return evaluate(
             self.model, self.val_samples, self.token_bytes, self.cfg.train.micro_batch_size,
-            self.cfg.train.precision, self.dp_group,
+            self.cfg.train.precision, self.dp_group, self.cp,
         )  # fmt: skip
 
     def sample(self, prompt_tokens: int = 16, new_tokens: int = 48) -> str:
         """A short generated continuation of the first validation text (by rank 0, from
         the whole model; empty on the other ranks)."""
         model = self.model
-        if self.tp.active:  # decoding runs on the whole model: gather the shards
+        if self.tp.active or self.cp.active:  # decode on the whole single-process model
             full = full_state_dict(self.model, self.tp)
             if not self.main:
                 return ""

@@ -1,5 +1,5 @@
 """`torchrun --nproc_per_node 4 -m pretrain train parallel.tensor=2 ...` (tensor 2 x data 2,
-gloo) follows the single-process loss curve of the same config and seed."""
+or context 2 x tensor 2; gloo) follows the single-process loss curve of the same config."""
 
 from __future__ import annotations
 
@@ -46,17 +46,23 @@ def train(tmp_path: Path, name: str, launcher: list[str], *extra: str) -> list[d
 
 
 @pytest.mark.slow
-def test_tensor_and_data_parallel_run_matches_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "split",
+    [
+        ["parallel.tensor=2", "parallel.sequence_parallel=true"],  # TP 2 (+SP) x DP 2
+        ["parallel.context=2", "parallel.tensor=2"],  # CP 2 x TP 2
+    ],
+    ids=["tp2-sp-dp2", "cp2-tp2"],
+)
+def test_parallel_run_matches_one_process(tmp_path: Path, split: list[str]) -> None:
     single = train(tmp_path, "single", [sys.executable])
     (port,) = free_ports(1)
     torchrun = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
         "--master_addr", "127.0.0.1", "--master_port", str(port),
     ]  # fmt: skip
-    parallel = train(
-        tmp_path, "tp2-dp2", torchrun, "parallel.tensor=2", "parallel.sequence_parallel=true"
-    )
-    ckpt = tmp_path / "tp2-dp2" / "checkpoints" / "step_00000030"
+    parallel = train(tmp_path, "parallel", torchrun, *split)
+    ckpt = tmp_path / "parallel" / "checkpoints" / "step_00000030"
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == [f"rank_0000{r}.pt" for r in range(4)]
 
     def curve(records: list[dict], key: str) -> dict[int, float]:

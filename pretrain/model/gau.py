@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from parallel.halo import gather_halo, with_halo
 from torch import Tensor, nn
 
+from parallel.context import SINGLE_CONTEXT, ContextParallel
 from parallel.layout import mark_partial_grad, mark_replicated, mark_tensor_parallel
 from parallel.tensor import SplitDropout, TensorParallel, column_linear, copy_to_group, row_linear
 from pretrain.model.init import init_linear_, trunc_normal_
@@ -45,9 +47,11 @@ class GatedAttentionUnit(nn.Module):
         attention_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         tp: TensorParallel | None = None,
+        cp: ContextParallel | None = None,
     ) -> None:
         super().__init__()
         self.tp = tp
+        self.cp = cp or SINGLE_CONTEXT
         self.zdim, self.hdim, self.window = zdim, hdim, window
         self.attention_fn, self.position = attention_fn, position
         self.rope_base = rope_base
@@ -133,8 +137,21 @@ class GatedAttentionUnit(nn.Module):
         """m: [M, B, D] compressed tokens; positions: [M, B] long original positions;
         valid: [M, B] bool (empty slots are never attended). Returns ([M, B, D], stats)."""
         q, k, v, r = self.project(m, positions)
-        attn, stats = self.local_attention(q, k, v, positions, valid, collect_stats)
-        return self.out_proj(attn * r), stats
+        if not self.cp.active:
+            attn, stats = self.local_attention(q, k, v, positions, valid, collect_stats)
+            return self.out_proj(attn * r), stats
+        # Context parallel: the last `window` activated tokens before this rank's chunk come
+        # from the ranks before it, prepended as one block (its queries are discarded).
+        (k_halo, v_halo, pos_halo), valid_halo = gather_halo(
+            [k, v, positions], valid.sum(0), self.window, self.cp.group()
+        )
+        no_query = torch.zeros_like(valid_halo)
+        attn, stats = self.local_attention(
+            with_halo(q, torch.zeros_like(k_halo)), with_halo(k, k_halo), with_halo(v, v_halo),
+            with_halo(positions, pos_halo), with_halo(valid, valid_halo), collect_stats,
+            query_valid=with_halo(valid, no_query),
+        )  # fmt: skip
+        return self.out_proj(attn[self.window :] * r), stats
 
     def local_attention(
         self,
@@ -144,8 +161,12 @@ class GatedAttentionUnit(nn.Module):
         positions: Tensor,
         valid: Tensor,
         collect_stats: bool = False,
+        query_valid: Tensor | None = None,
     ) -> tuple[Tensor, SpanStats | None]:
-        """Causal attention of each token to itself and the previous ``window`` tokens."""
+        """Causal attention of each token to itself and the previous ``window`` tokens.
+
+        ``valid`` marks the slots that may be attended; ``query_valid`` (default: the same)
+        the queries whose attention the statistics count."""
         length, w = q.shape[0], self.window
         blocks = -(-length // w)
         pad = blocks * w - length
@@ -177,7 +198,8 @@ class GatedAttentionUnit(nn.Module):
         stats = None
         if collect_stats:
             with torch.no_grad():
-                attended = allowed & to_blocks(valid).unsqueeze(-1)
+                queries = valid if query_valid is None else query_valid
+                attended = allowed & to_blocks(queries).unsqueeze(-1)
                 stats = SpanStats(
                     distance_sum=(pos_distance * attended).sum().to(torch.float64),
                     pairs=attended.sum(),

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from parallel.context import SINGLE_CONTEXT, ContextParallel
 from parallel.layout import mark_replicated, mark_sequence_parallel, mark_tensor_parallel
+from parallel.scan import context_parallel_ema
 from parallel.tensor import (
     SINGLE,
     SplitDropout,
@@ -75,10 +77,13 @@ class SeqBoatLayer(nn.Module):
     whole sequence; with sequence parallelism the residual stream, norms and dropout hold
     L/tp tokens. See parallel/tensor.py for the regions."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, tp: TensorParallel | None = None, cp: ContextParallel | None = None
+    ) -> None:
         super().__init__()
         tp = tp or SINGLE
         self.tp = tp
+        self.cp = cp or SINGLE_CONTEXT
         d = cfg.width
         self.prenorm = cfg.prenorm
         self.routing = cfg.routing
@@ -114,6 +119,7 @@ class SeqBoatLayer(nn.Module):
                 cfg.attention_dropout,
                 cfg.hidden_dropout,
                 tp,
+                self.cp,
             )
         )
         self.ema_dropout = SplitDropout(cfg.dropout, tp)  # channel-split
@@ -145,7 +151,9 @@ class SeqBoatLayer(nn.Module):
         h = self.norm(x) if self.prenorm else x
         h = enter_channel_split(h, self.tp)  # [L, B, D/tp]
         length, batch = h.shape[:2]
-        m = self.ema_dropout(F.silu(self.ema(h)))
+        # Context parallel: this rank's chunk, continued from the states of the ones before.
+        ema = context_parallel_ema(self.ema, h, self.cp.group()) if self.cp.active else self.ema(h)
+        m = self.ema_dropout(F.silu(ema))
         hx, activated, gate = self.route(self.hx_proj(m))
         stats = None
         if self.gau is None:
@@ -156,7 +164,7 @@ class SeqBoatLayer(nn.Module):
             if activated is None:  # "always": every token, ungated
                 activated = torch.ones(length, batch, dtype=torch.bool, device=x.device)
             plan = plan_compression(activated)
-            positions = torch.arange(length, device=x.device).unsqueeze(1).expand(-1, batch)
+            positions = self.cp.positions(length, x.device).unsqueeze(1).expand(-1, batch)
             # Only the activated tokens' channels cross the group: M x D, not L x D.
             mc = gather_channels(compress(m, plan), self.tp)
             oc, span_stats = self.gau(mc, compress(positions, plan), plan.valid, collect_stats)

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from parallel.context import ContextParallel
 from parallel.layout import mark_replicated, mark_sequence_parallel, mark_tensor_parallel
 from parallel.tensor import (
     SINGLE,
@@ -34,13 +35,20 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 class LanguageModel(nn.Module):
     """With ``tp`` (tensor parallel, size > 1) the embedding and head are vocab-parallel and
-    ``forward`` returns this rank's vocabulary slice of the logits."""
+    ``forward`` returns this rank's vocabulary slice of the logits. With ``cp`` (context
+    parallel) the tokens given are this rank's chunk of each sequence."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TensorParallel | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        tp: TensorParallel | None = None,
+        cp: ContextParallel | None = None,
+    ) -> None:
         super().__init__()
         tp = tp or SINGLE
-        if tp.active and cfg.arch != "seqboat":
-            raise ValueError("tensor parallelism is implemented for the SeqBoat architecture")
+        if (tp.active or (cp is not None and cp.active)) and cfg.arch != "seqboat":
+            raise ValueError("model parallelism is implemented for the SeqBoat architecture")
         self.cfg = cfg
         self.tp = tp
         self.vocab_size = vocab_size
@@ -52,7 +60,7 @@ class LanguageModel(nn.Module):
             cfg.embedding_dropout, tp if tp.sequence_parallel else None
         )
         if cfg.arch == "seqboat":
-            self.layers = nn.ModuleList(SeqBoatLayer(cfg, tp) for _ in range(cfg.layers))
+            self.layers = nn.ModuleList(SeqBoatLayer(cfg, tp, cp) for _ in range(cfg.layers))
         else:
             self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
         # Pre-norm stacks end with a norm (SEQBOAT.md §9.1); post-norm layers end normalised.

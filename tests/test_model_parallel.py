@@ -1,10 +1,11 @@
-"""Tensor (+ sequence, + data) parallel SeqBoat equals the single process, in float64.
+"""Tensor, sequence, context and data parallel SeqBoat equals the single process, in float64.
 
 One spawn of 4 gloo processes runs every case; each case re-initializes megatron-core's
 model-parallel groups. Every rank also computes the single-process reference itself (same
 seed, same weights, the whole global batch), then the parallel model (the reference's
-state dict cut by ``shard_state_dict``) on its data-parallel rows; the loss and every
-gathered gradient must match to a relative error < 1e-10.
+state dict cut by ``shard_state_dict``) on its data-parallel rows and context-parallel chunk
+of each sequence; the logits and every gathered gradient must match to a relative error
+< 1e-10.
 """
 
 from __future__ import annotations
@@ -21,17 +22,26 @@ VOCAB = 50
 SEQ = 16
 BATCH = 4  # global batch: 2 rows per data-parallel rank when DP = 2
 
-# (name, tensor size, sequence parallel, activation pattern, model overrides)
+# (name, tensor size, sequence parallel, context size, activation pattern, model overrides)
 CASES = [
-    ("tp2-dp2", 2, False, "random", {}),
-    ("tp4", 4, False, "random", {"position": "simple", "tie_embeddings": False}),
-    ("tp2-sp-dp2", 2, True, "random", {"ffn_hidden": 16, "prenorm": False}),
-    ("tp4-sp", 4, True, "random", {"position": "local"}),
-    ("tp2-none", 2, True, "none", {}),
-    ("tp2-all", 2, False, "all", {"attention_fn": "relu2"}),
-    ("tp2-always", 2, True, "random", {"routing": "always"}),
-    ("tp2-never", 2, False, "random", {"routing": "never"}),
-    ("dp4", 1, False, "random", {}),
+    ("tp2-dp2", 2, False, 1, "random", {}),
+    ("tp4", 4, False, 1, "random", {"position": "simple", "tie_embeddings": False}),
+    ("tp2-sp-dp2", 2, True, 1, "random", {"ffn_hidden": 16, "prenorm": False}),
+    ("tp4-sp", 4, True, 1, "random", {"position": "local"}),
+    ("tp2-none", 2, True, 1, "none", {}),
+    ("tp2-all", 2, False, 1, "all", {"attention_fn": "relu2"}),
+    ("tp2-always", 2, True, 1, "random", {"routing": "always"}),
+    ("tp2-never", 2, False, 1, "random", {"routing": "never"}),
+    ("dp4", 1, False, 1, "random", {}),
+    ("cp2-dp2", 1, False, 2, "random", {"ema_chunk": 3}),
+    ("cp4", 1, False, 4, "random", {"position": "simple"}),
+    ("cp2-tp2", 2, False, 2, "random", {"position": "local", "window": 3}),
+    ("cp2-tp2-sp", 2, True, 2, "random", {"ffn_hidden": 16}),
+    ("cp4-none", 1, False, 4, "none", {}),
+    ("cp4-all", 1, False, 4, "all", {"attention_fn": "relu2", "window": 3}),
+    ("cp4-first-chunk", 1, False, 4, "first", {"position": "simple"}),
+    ("cp4-spans-3-ranks", 1, False, 4, "sparse", {"position": "local"}),
+    ("cp2-dp2-sparse", 1, False, 2, "sparse", {"window": 3}),
 ]
 
 
@@ -43,10 +53,42 @@ def model_config(overrides: dict):
 
 
 def set_pattern(model, pattern: str) -> None:
-    bias = {"random": 0.0, "none": 1e4, "all": -1e4}[pattern]
+    bias = {"random": 0.0, "none": 1e4, "all": -1e4}.get(pattern, 0.0)
     for layer in model.layers:
         if getattr(layer, "router", None) is not None:
             layer.router.act_bias = bias
+
+
+def forced_activation(pattern: str, positions: torch.Tensor, batch: int) -> torch.Tensor:
+    """[L, B] decisions as a function of the original position (so that every rank of a
+    context-parallel group agrees with the single process): "first": only tokens of the
+    first quarter of the sequence; "sparse": one token in every SEQ/4 (with window 3 or 4 the
+    window reaches across three ranks). Odd and even columns differ by a shift (with two rows
+    per data-parallel rank, local and global parities agree)."""
+    shift = torch.arange(batch, device=positions.device) % 2
+    pos = positions.unsqueeze(1) + shift
+    if pattern == "first":
+        return (positions.unsqueeze(1) < SEQ // 4) & (pos % 3 != 1)
+    return pos % (SEQ // 4) == 1
+
+
+def force_routing(pattern: str):
+    """Replaces SeqBoatLayer.route for patterns the activation bias cannot make; the gate
+    is still the router's probability of "activate" (its gradient path is unchanged)."""
+    from pretrain.model.layer import SeqBoatLayer
+
+    original = SeqBoatLayer.route
+
+    def route(self, proj: torch.Tensor):
+        hx, _, _ = original(self, proj)
+        u = proj[..., :2]
+        prob = torch.sigmoid(
+            (u[..., 1] - u[..., 0] - self.router.act_bias) / self.router.log_temp.exp()
+        )
+        act = forced_activation(pattern, self.cp.positions(u.shape[0], u.device), u.shape[1])
+        return hx, act, torch.where(act, prob, torch.zeros_like(prob))
+
+    return original, route
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,19 +121,31 @@ def check_case(rank: int, case: tuple) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from parallel.context import ContextParallel
     from parallel.data_parallel import average, average_gradients
     from parallel.tensor import TensorParallel, gather_split, shard_state_dict
     from parallel.tensor import sync_partial_grads as sync_sp
+    from pretrain.model.layer import SeqBoatLayer
     from pretrain.model.lm import LanguageModel
 
-    name, tp_size, sp, pattern, overrides = case
+    name, tp_size, sp, cp_size, pattern, overrides = case
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp_size, context_parallel_size=cp_size
+    )
     tp = TensorParallel.from_parallel_state(sequence_parallel=sp)
-    dp_group = parallel_state.get_data_parallel_group()
+    cp = ContextParallel.from_parallel_state()
+    # Gradients and losses average over every rank that sees different tokens.
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dp_size = parallel_state.get_data_parallel_world_size()
+    averaged = dp_size * cp.size
     rows = slice(parallel_state.get_data_parallel_rank() * BATCH // dp_size, None)
     rows = slice(rows.start, rows.start + BATCH // dp_size)
+    part = SEQ // cp.size
+    span = slice(cp.rank * part, (cp.rank + 1) * part)  # this rank's positions
+    original_route = SeqBoatLayer.route
+    if pattern in ("first", "sparse"):
+        SeqBoatLayer.route = force_routing(pattern)[1]
 
     cfg = model_config(overrides)
     torch.manual_seed(0)
@@ -103,7 +157,7 @@ def check_case(rank: int, case: tuple) -> dict:
         generator=torch.Generator().manual_seed(2),
     )  # fmt: skip
 
-    model = LanguageModel(cfg, VOCAB, tp=tp).double()
+    model = LanguageModel(cfg, VOCAB, tp=tp, cp=cp).double()
     set_pattern(model, pattern)
     model.load_state_dict(shard_state_dict(reference.state_dict(), model, tp))
 
@@ -111,15 +165,16 @@ def check_case(rank: int, case: tuple) -> dict:
     ref_logits, ref_stats = reference(tokens[:, :-1], collect_stats=True)
     ((ref_logits * weights).sum() / BATCH).backward()
     ref_grads = gradients(reference, TensorParallel())
-    logits, stats = model(tokens[rows, :-1], collect_stats=True)
+    logits, stats = model(cp.chunk(tokens[rows])[:, :-1], collect_stats=True)
     vocab = slice(tp.rank * logits.shape[-1], (tp.rank + 1) * logits.shape[-1])
-    ((logits * weights[:, rows, vocab]).sum() / (BATCH // dp_size)).backward()
+    # Scaled so that the average over data x context ranks is the reference's objective.
+    ((logits * weights[span, rows, vocab]).sum() * cp.size / (BATCH // dp_size)).backward()
     sync_sp(model, tp)
-    average_gradients(model, dp_group, dp_size)
+    average_gradients(model, dp_group, averaged)
     errors = {
         "logits": relative_error(
             gather_split(logits.detach(), 2, tp) if tp.active else logits.detach(),
-            ref_logits.detach()[:, rows],
+            ref_logits.detach()[span, rows],
         )
     }
     errors.update({n: relative_error(g, ref_grads[n]) for n, g in gradients(model, tp).items()})
@@ -128,18 +183,20 @@ def check_case(rank: int, case: tuple) -> dict:
     ref_loss, _ = reference.loss(tokens)
     ref_loss.backward()
     ref_grads = gradients(reference, TensorParallel())
-    loss, _ = model.loss(tokens[rows])
+    loss, _ = model.loss(cp.chunk(tokens[rows]))
     loss.backward()
     sync_sp(model, tp)
-    average_gradients(model, dp_group, dp_size)
-    loss_errors = {"loss": relative_error(average(loss.detach(), dp_group, dp_size), ref_loss)}
+    average_gradients(model, dp_group, averaged)
+    loss_errors = {"loss": relative_error(average(loss.detach(), dp_group, averaged), ref_loss)}
     loss_errors.update(
         {n: relative_error(g, ref_grads[n]) for n, g in gradients(model, tp).items()}
     )
 
+    SeqBoatLayer.route = original_route
     # Every tensor-parallel rank took the same routing decision, the reference's.
     for i, (mine, ref) in enumerate(zip(stats or [], ref_stats or [], strict=True)):
-        assert torch.equal(mine.activated, ref.activated[:, rows]), f"{name}: layer {i} routing"
+        expected = ref.activated[span, rows]
+        assert torch.equal(mine.activated, expected), f"{name}: layer {i} routing"
         if tp.active:
             everyone = gather_split(mine.activated.to(torch.uint8), 0, tp)
             assert (everyone.view(tp.size, -1) == everyone.view(tp.size, -1)[0]).all()
@@ -214,7 +271,7 @@ def test_routing_agrees_across_tensor_ranks_at_ties(results: list) -> None:
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
 def test_parallel_equals_single_process(results: list, index: int) -> None:
-    name, _, _, pattern, overrides = CASES[index]
+    name, _, _, _, pattern, overrides = CASES[index]
     for rank_results in results:
         case = rank_results[index]
         worst = max(case["exact"].items(), key=lambda kv: kv[1])
@@ -228,5 +285,7 @@ def test_parallel_equals_single_process(results: list, index: int) -> None:
             assert all(r == 0 for r in ratios)
         elif pattern == "all":
             assert all(r == 1 for r in ratios)
-        else:
+        elif pattern == "random":
             assert all(0.05 < r < 0.95 for r in ratios), ratios
+        else:  # forced: the reference routed exactly as the pattern says
+            assert all(0 < r < 0.3 for r in ratios), ratios
