@@ -18,24 +18,41 @@ class ContextParallel:
 
     size: int = 1
     rank: int = 0
+    # Where local-attention work is balanced (parallel/dispatch.py): "off", over the
+    # "context" group, or over the "data" x context group.
+    dispatch: str = "off"
 
     @property
     def active(self) -> bool:
         return self.size > 1
 
     @classmethod
-    def from_parallel_state(cls) -> ContextParallel:
+    def from_parallel_state(cls, dispatch: str = "off") -> ContextParallel:
         from megatron.core import parallel_state
 
         return cls(
             size=parallel_state.get_context_parallel_world_size(),
             rank=parallel_state.get_context_parallel_rank(),
+            dispatch=dispatch,
         )
 
     def group(self) -> dist.ProcessGroup:
         from megatron.core import parallel_state
 
         return parallel_state.get_context_parallel_group()
+
+    def dispatch_group(self) -> dist.ProcessGroup | None:
+        """The group attention work is balanced over, or None (no dispatch)."""
+        if self.dispatch == "off":
+            return None
+        from megatron.core import parallel_state
+
+        group = (
+            self.group()
+            if self.dispatch == "context"
+            else parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+        return group if dist.get_world_size(group) > 1 else None
 
     def chunk(self, tokens: Tensor) -> Tensor:
         """This rank's part of a batch of samples [B, L+1] (inputs and shifted targets):

@@ -188,7 +188,24 @@ def copy_to_group(x: Tensor, tp: TensorParallel | None) -> Tensor:
         return x
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-    return copy_to_tensor_model_parallel_region(x)
+    return _ContiguousGrad.apply(copy_to_tensor_model_parallel_region(x))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    megatron-core 0.16's ``_reduce`` all-reduces ``grad.contiguous()`` but returns ``grad``:
+    a non-contiguous gradient (e.g. one that arrives through a dispatch all-to-all and a
+    ``cat``) would silently skip the reduction. Placed after the copy in the forward, this
+    runs before its backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 def enter_channel_split(h: Tensor, tp: TensorParallel | None) -> Tensor:

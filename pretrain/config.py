@@ -111,6 +111,9 @@ class ParallelConfig:
     tensor: int = 1
     sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor > 1)
     context: int = 1  # each sequence split over this many ranks (EMA states + attention halo)
+    # Balance local-attention work over ranks: "off", "context" (the context-parallel group)
+    # or "data" (data x context ranks).
+    dispatch: str = "off"
 
 
 @dataclass
@@ -362,6 +365,9 @@ def validate(cfg: Config) -> None:
 def _validate_parallel(cfg: Config) -> None:
     """What the config alone can tell; sizes against the world are checked at launch."""
     p, m = cfg.parallel, cfg.model
+    _choice("parallel.dispatch", p.dispatch, ("off", "context", "data"))
+    if p.dispatch == "context" and p.context == 1:
+        raise ConfigError("parallel.dispatch=context needs parallel.context > 1")
     if p.tensor <= 0 or p.context <= 0:
         raise ConfigError(f"parallel.tensor and parallel.context must be positive, got {p}")
     if p.context > 1:

@@ -90,7 +90,11 @@ class Trainer:
             if self.distributed
             else SINGLE
         )
-        self.cp = ContextParallel.from_parallel_state() if self.distributed else SINGLE_CONTEXT
+        self.cp = (
+            ContextParallel.from_parallel_state(cfg.parallel.dispatch)
+            if self.distributed
+            else SINGLE_CONTEXT
+        )
         # Gradients and losses are averaged over the replicas that see different tokens: the
         # data-parallel ranks and, within each, the context-parallel ranks.
         self.dp_group = data_parallel_group(with_context=True) if self.distributed else None
@@ -354,6 +358,10 @@ def _layer_metrics(stats: list[LayerStats] | None) -> dict[str, float]:
     for i, s in enumerate(stats or []):
         out[f"layer_{i}/act_ratio"] = float(s.activated.float().mean())
         out[f"layer_{i}/attn_span"] = float(s.span_sum) / max(int(s.span_pairs), 1)
+        if s.imbalance is not None:
+            out[f"layer_{i}/work_imbalance_before"], out[f"layer_{i}/work_imbalance_after"] = (
+                s.imbalance
+            )
     return out
 
 

@@ -42,6 +42,13 @@ CASES = [
     ("cp4-first-chunk", 1, False, 4, "first", {"position": "simple"}),
     ("cp4-spans-3-ranks", 1, False, 4, "sparse", {"position": "local"}),
     ("cp2-dp2-sparse", 1, False, 2, "sparse", {"window": 3}),
+    # Load-balanced dispatch of the attention windows ("_dispatch": over which ranks).
+    ("cp4-dispatch", 1, False, 4, "random", {"_dispatch": "context"}),
+    ("cp4-first-chunk-dispatch", 1, False, 4, "first", {"_dispatch": "context", "window": 1}),
+    ("cp4-sparse-dispatch", 1, False, 4, "sparse", {"_dispatch": "context", "window": 3}),
+    ("cp2-dp2-dispatch-data", 1, False, 2, "first", {"_dispatch": "data", "window": 2}),
+    ("cp2-tp2-sp-dispatch", 2, True, 2, "random", {"_dispatch": "context", "position": "simple"}),
+    ("dp4-dispatch-data", 1, False, 1, "random", {"_dispatch": "data"}),
 ]
 
 
@@ -129,12 +136,14 @@ def check_case(rank: int, case: tuple) -> dict:
     from pretrain.model.lm import LanguageModel
 
     name, tp_size, sp, cp_size, pattern, overrides = case
+    overrides = dict(overrides)
+    dispatch = overrides.pop("_dispatch", "off")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp_size, context_parallel_size=cp_size
     )
     tp = TensorParallel.from_parallel_state(sequence_parallel=sp)
-    cp = ContextParallel.from_parallel_state()
+    cp = ContextParallel.from_parallel_state(dispatch)
     # Gradients and losses average over every rank that sees different tokens.
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -201,8 +210,9 @@ def check_case(rank: int, case: tuple) -> dict:
             everyone = gather_split(mine.activated.to(torch.uint8), 0, tp)
             assert (everyone.view(tp.size, -1) == everyone.view(tp.size, -1)[0]).all()
     ratios = [float(s.activated.double().mean()) for s in ref_stats or []]
+    imbalance = [s.imbalance for s in stats or []]
     dist.barrier()
-    return {"exact": errors, "loss": loss_errors, "ratios": ratios}
+    return {"exact": errors, "loss": loss_errors, "ratios": ratios, "imbalance": imbalance}
 
 
 def check_near_ties(rank: int) -> dict:
@@ -289,3 +299,10 @@ def test_parallel_equals_single_process(results: list, index: int) -> None:
             assert all(0.05 < r < 0.95 for r in ratios), ratios
         else:  # forced: the reference routed exactly as the pattern says
             assert all(0 < r < 0.3 for r in ratios), ratios
+        if "_dispatch" not in overrides:
+            assert all(i is None for i in case["imbalance"])
+            continue
+        for before, after in case["imbalance"]:
+            assert after <= before
+            if pattern == "first":  # all the work on the first rank, then spread out
+                assert before >= 2 and after < before, (before, after)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from parallel.halo import gather_halo, with_halo
 from torch import Tensor, nn
 
 from parallel.context import SINGLE_CONTEXT, ContextParallel
+from parallel.dispatch import Dispatch
+from parallel.halo import gather_halo, with_halo
 from parallel.layout import mark_partial_grad, mark_replicated, mark_tensor_parallel
 from parallel.tensor import SplitDropout, TensorParallel, column_linear, copy_to_group, row_linear
 from pretrain.model.init import init_linear_, trunc_normal_
@@ -31,6 +32,8 @@ class SpanStats:
 
     distance_sum: Tensor
     pairs: Tensor
+    # Attention work max/mean over the dispatch group's ranks, before and after dispatch.
+    imbalance: tuple[float, float] | None = None
 
 
 class GatedAttentionUnit(nn.Module):
@@ -166,42 +169,135 @@ class GatedAttentionUnit(nn.Module):
         """Causal attention of each token to itself and the previous ``window`` tokens.
 
         ``valid`` marks the slots that may be attended; ``query_valid`` (default: the same)
-        the queries whose attention the statistics count."""
-        length, w = q.shape[0], self.window
-        blocks = -(-length // w)
-        pad = blocks * w - length
+        the queries whose output matters. The work is cut into windows (one block of
+        ``window`` queries of one sequence with its keys); under a dispatching context
+        group, the windows with a query that matters are balanced over its ranks."""
+        length, batch = q.shape[:2]
+        windows = Windows.cut(
+            q, k, v, positions, valid, valid if query_valid is None else query_valid, self.window
+        )
+        if self.cp.dispatch_group() is None:
+            out, stats = self.attend(windows, collect_stats)
+        else:
+            out, stats = self._attend_dispatched(windows, collect_stats)
+        return windows.join(out, length, batch), stats
 
-        def to_blocks(x: Tensor) -> Tensor:  # [M, B, ...] -> [B, n, w, ...]
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, 0, 0, pad)) if pad else x
-            return x.view(blocks, w, *x.shape[1:]).movedim(2, 0)
+    def _attend_dispatched(
+        self, windows: Windows, collect_stats: bool
+    ) -> tuple[Tensor, SpanStats | None]:
+        busy = torch.nonzero(windows.valid_q.any(1)).squeeze(1)
+        plan = Dispatch(int(busy.numel()), self.cp.dispatch_group())
+        local = windows.select(busy)
+        floats, ints = local.pack()
+        remote = Windows.unpack(plan.send(floats), plan.send(ints), self.window, local.q.shape[-1])
+        out, stats = self.attend(remote, collect_stats)
+        if stats is not None:
+            stats.imbalance = (plan.before, plan.after)
+        out = plan.gather(out)
+        full = out.new_zeros(windows.q.shape[0], *out.shape[1:])
+        return full.index_copy(0, busy, out), stats
 
-        def with_previous(x: Tensor) -> Tensor:  # [B, n, w, ...] -> [B, n, 2w, ...]
-            prev = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 1, 0))[:, :-1]
-            return torch.cat([prev, x], dim=2)
-
-        qb = to_blocks(q)
-        kb, vb = with_previous(to_blocks(k)), with_previous(to_blocks(v))
-        pos_q = to_blocks(positions)
-        pos_k = with_previous(pos_q)
-        valid_k = with_previous(to_blocks(valid))  # padding and the block before 0 are invalid
-        # Query a of a block sits at a + w in its key axis: distance in activated tokens.
-        offs = torch.arange(w, device=q.device)
-        act_distance = (offs.unsqueeze(1) + w) - torch.arange(2 * w, device=q.device)
-        allowed = ((act_distance >= 0) & (act_distance <= w)) & valid_k.unsqueeze(2)
-        pos_distance = pos_q.unsqueeze(-1) - pos_k.unsqueeze(-2)
-
-        scores = torch.matmul(qb, kb.transpose(-1, -2)) * self.scale()
+    def attend(self, w: Windows, collect_stats: bool = False) -> tuple[Tensor, SpanStats | None]:
+        """Attention within each window: [I, window, H] outputs."""
+        window = self.window
+        # Query a of a window sits at a + window in its key axis: distance in activated tokens.
+        offs = torch.arange(window, device=w.q.device)
+        act_distance = (offs.unsqueeze(1) + window) - torch.arange(2 * window, device=w.q.device)
+        allowed = ((act_distance >= 0) & (act_distance <= window)) & w.valid_k.unsqueeze(1)
+        pos_distance = w.pos_q.unsqueeze(-1) - w.pos_k.unsqueeze(-2)
+        scores = torch.matmul(w.q, w.k.transpose(-1, -2)) * self.scale()
         weights = self.attention_weights(scores, allowed, pos_distance, act_distance)
-        out = torch.matmul(weights.to(vb.dtype), vb)  # [B, n, w, H(/tp)]
-        out = out.movedim(0, 2).reshape(blocks * w, *v.shape[1:])[:length]
-
+        out = torch.matmul(weights.to(w.v.dtype), w.v)
         stats = None
         if collect_stats:
             with torch.no_grad():
-                queries = valid if query_valid is None else query_valid
-                attended = allowed & to_blocks(queries).unsqueeze(-1)
+                attended = allowed & w.valid_q.unsqueeze(-1)
                 stats = SpanStats(
                     distance_sum=(pos_distance * attended).sum().to(torch.float64),
                     pairs=attended.sum(),
                 )
         return out, stats
+
+
+@dataclass
+class Windows:
+    """Independent pieces of causal local attention: item i is one block of ``window``
+    compressed queries of one sequence with the ``2 * window`` keys it may see (the previous
+    block and its own). Shapes: q [I, w, Z], k [I, 2w, Z], v [I, 2w, H], pos_q [I, w],
+    pos_k [I, 2w], valid_k [I, 2w], valid_q [I, w]."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    pos_q: Tensor
+    pos_k: Tensor
+    valid_k: Tensor
+    valid_q: Tensor
+
+    @classmethod
+    def cut(
+        cls, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor,
+        query_valid: Tensor, window: int,
+    ) -> Windows:  # fmt: skip
+        """From compressed [M, B, ...] tensors; items ordered by (sequence, block)."""
+        length = q.shape[0]
+        blocks = -(-length // window)
+        pad = blocks * window - length
+
+        def to_blocks(x: Tensor) -> Tensor:  # [M, B, ...] -> [B, n, w, ...]
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, 0, 0, pad)) if pad else x
+            return x.view(blocks, window, *x.shape[1:]).movedim(2, 0)
+
+        def with_previous(x: Tensor) -> Tensor:  # [B, n, w, ...] -> [B, n, 2w, ...]
+            prev = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 1, 0))[:, :-1]
+            return torch.cat([prev, x], dim=2)
+
+        def items(x: Tensor) -> Tensor:  # [B, n, ...] -> [B * n, ...]
+            return x.flatten(0, 1)
+
+        pos_q = to_blocks(positions)
+        return cls(
+            q=items(to_blocks(q)),
+            k=items(with_previous(to_blocks(k))),
+            v=items(with_previous(to_blocks(v))),
+            pos_q=items(pos_q),
+            pos_k=items(with_previous(pos_q)),
+            # Padding and the block before the first are invalid keys.
+            valid_k=items(with_previous(to_blocks(valid))),
+            valid_q=items(to_blocks(query_valid)),
+        )
+
+    def join(self, out: Tensor, length: int, batch: int) -> Tensor:
+        """Item outputs [B * n, w, H] -> compressed [M, B, H]."""
+        blocks, window = out.shape[0] // batch, out.shape[1]
+        out = out.view(batch, blocks, window, *out.shape[2:]).movedim(0, 2)
+        return out.reshape(blocks * window, batch, *out.shape[3:])[:length]
+
+    def select(self, index: Tensor) -> Windows:
+        return Windows(*(t.index_select(0, index) for t in self._fields()))
+
+    def _fields(self) -> tuple[Tensor, ...]:
+        return (self.q, self.k, self.v, self.pos_q, self.pos_k, self.valid_k, self.valid_q)
+
+    def pack(self) -> tuple[Tensor, Tensor]:
+        """Two row tensors to ship: [I, ...] floats (q, k, v) and integers (the rest)."""
+        floats = torch.cat([self.q.flatten(1), self.k.flatten(1), self.v.flatten(1)], 1)
+        ints = torch.cat([self.pos_q, self.pos_k, self.valid_k.long(), self.valid_q.long()], 1)
+        return floats, ints
+
+    @classmethod
+    def unpack(cls, floats: Tensor, ints: Tensor, window: int, zdim: int) -> Windows:
+        items = floats.shape[0]
+        q, k, v = floats.split(
+            [window * zdim, 2 * window * zdim, floats.shape[1] - 3 * window * zdim], 1
+        )
+        pos_q, pos_k, valid_k, valid_q = ints.split([window, 2 * window, 2 * window, window], 1)
+        return cls(
+            q=q.view(items, window, zdim),
+            k=k.view(items, 2 * window, zdim),
+            v=v.view(items, 2 * window, -1),
+            pos_q=pos_q,
+            pos_k=pos_k,
+            valid_k=valid_k.bool(),
+            valid_q=valid_q.bool(),
+        )

@@ -50,6 +50,7 @@ class LayerStats:
     activated: Tensor  # [L, B] bool
     span_sum: Tensor  # sum of original-position distances over attended pairs
     span_pairs: Tensor  # number of attended pairs
+    imbalance: tuple[float, float] | None = None  # attention work max/mean: before, after
 
 
 class FeedForward(nn.Module):
@@ -172,7 +173,11 @@ class SeqBoatLayer(nn.Module):
             if gate is not None:
                 o = o * gate.unsqueeze(-1)
             o = scatter_sequence(o, self.tp)
-            span = (span_stats.distance_sum, span_stats.pairs) if span_stats else None
+            span = (
+                (span_stats.distance_sum, span_stats.pairs, span_stats.imbalance)
+                if span_stats
+                else None
+            )
         if collect_stats:
             stats = LayerStats(activated.detach(), *span)
         y = F.silu(x + self.dropout(hx + o))
