@@ -18,17 +18,24 @@ reduce-scatter.
 
 Table 2 routes real text with a trained run: ``--run-dir`` names one (trained there first,
 and kept, if it has no checkpoint yet); without it a default tiny run is trained in a
-temporary directory (``python -m pretrain train ... train.max_steps=150``) and deleted.
+temporary directory and deleted. Training is ``python -m pretrain train run.dir=RUN
+data.tokenizer.path=RUN-tokenizer.model train.max_steps=150 wandb.mode=disabled
+--no-progress`` (the tokenizer beside the run rather than under ./runs).
 
-    python bench/context_parallel.py                      # ~5 min on 2 cores, most of it training
-    python bench/context_parallel.py --run-dir runs/tiny  # an existing run: ~2 min
+    python bench/context_parallel.py                      # ~1 min + training the tiny run
+    python bench/context_parallel.py --run-dir runs/tiny  # an existing run: ~1 min on 2 cores
     python bench/context_parallel.py --scan-lengths 4096 16384 --step-length 2048
+
+Training 150 steps dominates: on the 2 shared development cores the whole run took 2.6 min
+(96 s of training) at a load average of 3-10, 7.5 min (6.5 of training) at ~14; use
+``--run-dir`` to train once and reuse the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import subprocess
 import sys
 import tempfile
@@ -145,7 +152,8 @@ def scan_table(args: argparse.Namespace) -> None:
     print(
         f"   theory: forward all-gather of the final states cp*B*D*N*4 = {cp * b * d * n * 4:,} B,"
         f" backward reduce-scatter the same; contrast: an all-gather of the activations, "
-        f"L*B*D*4"
+        f"L*B*D*4. Not counted: the EMA parameters' partial gradients, summed by the "
+        f"data-parallel all-reduce over DP x CP"
     )
     setting = {
         "lengths": args.scan_lengths, "width": d, "ndim": n, "batch": b,
@@ -349,7 +357,7 @@ def step_table(args: argparse.Namespace) -> None:
         f"window {args.window}, vocab {VOCAB}, L={length} in total, B={batch}, fp32 on "
         f"CPU/gloo, each rank 1 thread; min of {args.repeats} after a warm-up (a step's time: "
         f"its slowest rank). CP=4 runs 4 processes on {_cores()} cores: oversubscribed, so "
-        f"its time is not what 4 devices would take"
+        f"its time is not what 4 devices would take. Load average now {_load()}"
     )
     print(f"{'CP':>3} | {'chunk':>6} | {'step s':>7} | {'x CP=1':>6} | max activated tokens/rank")
     reference = None
@@ -371,9 +379,12 @@ def step_table(args: argparse.Namespace) -> None:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
+
+
+def _load() -> str:
+    """The 1-minute load average: other processes on these cores slow every timing here."""
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def main() -> None:
@@ -411,7 +422,7 @@ def main() -> None:
     start = time.perf_counter()
     print(
         f"context parallelism: each sequence split into CP contiguous chunks, one rank each; "
-        f"torch {torch.__version__}, {_cores()} CPU cores"
+        f"torch {torch.__version__}, {_cores()} CPU cores, load average {_load()}"
     )
     scan_table(args)
     dispatch_table(args)
