@@ -109,13 +109,15 @@ class Trainer:
         _seed_everything(t.seed)  # the same on every rank: the same initial weights
         self.tokenizer = self._tokenizer()
         self.model = model_for(cfg, self.tokenizer.vocab_size, self.device, self.tp, self.cp)
-        # Dropout streams: one per data-parallel rank; megatron-core's tracker adds one per
-        # tensor-parallel rank for the split regions.
-        _seed_everything(t.seed + 100 * dp_rank)
+        # Dropout streams: one per (data, context) rank, i.e. per slice of tokens, shared by
+        # the tensor-parallel ranks (replicated regions agree); megatron-core's tracker adds
+        # one per tensor-parallel rank for the split regions.
+        stream = t.seed + 100 * (dp_rank * self.cp.size + self.cp.rank)
+        _seed_everything(stream)
         if self.tp.active:
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-            model_parallel_cuda_manual_seed(t.seed + 100 * dp_rank)
+            model_parallel_cuda_manual_seed(stream)
         self.optimizer = optimizer_for(self.model, cfg.optimizer)
         self.scheduler = scheduler_for(self.optimizer, cfg.optimizer, t.max_steps)
         self.loader = PretrainLoader(
