@@ -5,6 +5,8 @@
     seqboat eval [--config FILE | --run-dir DIR] [key.sub=value ...]
     seqboat generate [--config FILE | --run-dir DIR] [--prompt TEXT] [...]
     seqboat plot RUN_DIR
+    seqboat slurm submit [--config FILE] [--nodes N --gpus-per-node G ... --dry-run] [k=v ...]
+    seqboat slurm status RUN_DIR
 
 Bad input ends with one ``seqboat: error: ...`` line and exit status 2; nothing is lost.
 """
@@ -49,7 +51,34 @@ def parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="loss curves and activation heat map as PNGs")
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+    _add_slurm_args(sub.add_parser("slurm", help="Slurm batch jobs that requeue themselves"))
     return ap
+
+
+def _add_slurm_args(slurm: argparse.ArgumentParser) -> None:
+    actions = slurm.add_subparsers(dest="slurm_command", required=True)
+    s = actions.add_parser("submit", help="render and submit an sbatch script")
+    _add_config_args(s)
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU-only job")
+    s.add_argument("--tasks-per-node", type=int)
+    s.add_argument("--cpus-per-task", type=int)
+    s.add_argument("--mem")
+    s.add_argument("--time", default="01:00:00")
+    for name in ("--partition", "--account", "--qos", "--constraint", "--array", "--dependency"):
+        s.add_argument(name)
+    s.add_argument("--exclusive", action="store_true")
+    s.add_argument("--job-name", default="seqboat")
+    s.add_argument("--output-dir", default="slurm-logs")
+    s.add_argument("--signal-grace", type=int, default=120, help="seconds before the limit")
+    s.add_argument("--no-requeue", dest="requeue", action="store_false")
+    s.add_argument("--max-failures", type=int, default=3, help="in a row without progress")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--python", default=sys.executable, help="the interpreter on the nodes")
+    s.add_argument("--sbatch", default="sbatch")
+    s.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    status = actions.add_parser("status", help="step, checkpoint, W&B id and jobs of a run")
+    status.add_argument("run_dir")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing: `seqboat --help` stays instant.
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
+    from pretrain.slurm import SlurmError
     from pretrain.train import REQUEUE_EXIT_CODE, NonFiniteLossError, Preempted
 
     try:
@@ -80,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"seqboat: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, SlurmError) as e:
         print(f"seqboat: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -168,10 +198,35 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from pretrain import slurm
+
+    if args.slurm_command == "status":
+        print(slurm.status(Path(args.run_dir)))
+        return 0
+    job = slurm.SlurmJob(
+        config=args.config, overrides=args.overrides, nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, mem=args.mem, time=args.time,
+        partition=args.partition, account=args.account, qos=args.qos,
+        constraint=args.constraint, exclusive=args.exclusive, job_name=args.job_name,
+        output_dir=args.output_dir, array=args.array, dependency=args.dependency,
+        signal_grace_s=args.signal_grace, requeue=args.requeue,
+        max_failures_without_progress=args.max_failures, env=slurm.parse_env(args.env),
+        python=args.python,
+    )  # fmt: skip
+    if args.dry_run:
+        print(slurm.render(job), end="")  # also validates the config
+        return 0
+    print(f"submitted job {slurm.submit(job, sbatch=args.sbatch)}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "prepare": cmd_prepare,
     "eval": cmd_eval,
     "generate": cmd_generate,
     "plot": cmd_plot,
+    "slurm": cmd_slurm,
 }

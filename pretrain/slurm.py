@@ -191,8 +191,8 @@ def _check_arg(name: str, value: object) -> None:
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    if not ok or (maximum is not None and value > maximum):  # type: ignore[operator]
+    is_int = isinstance(value, int) and not isinstance(value, bool)  # True is an int too
+    if not is_int or value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"SlurmJob.{name}: expected an integer {bound}, got {value!r}")
 
@@ -416,8 +416,9 @@ if [[ $stop_signal == TERM ]]; then
   exit "$status"
 fi
 if ((status == requeue_code)); then
+  # Handed over as planned: this segment succeeded (0), unless the hand-over failed.
   echo "seqboat: checkpoint saved on request; continuing the run"
-  continue_run
+  continue_run && exit 0
   exit "$status"
 fi
 count_failure
@@ -550,18 +551,23 @@ def _job_state(scontrol: str, job_id: str) -> str:
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no message"]
         return f"state unknown: {lines[0]}"  # e.g. purged after MinJobAge
-    fields = dict(re.findall(r"(?:^|\s)(JobState|Reason|RestartCnt|RunTime)=(\S*)", proc.stdout))
+    fields = dict(_SCONTROL_FIELD.findall(proc.stdout))
     state = fields.get("JobState", "?")
     if fields.get("Reason", "None") != "None":
         state += f" ({fields['Reason']})"
-    restarts, run_time = fields.get("RestartCnt", "?"), fields.get("RunTime", "?")
-    return f"{state}  restarts {restarts}  run time {run_time}"
+    exit_code, restarts = fields.get("ExitCode", "?"), fields.get("Restarts", "?")
+    return f"{state}  exit {exit_code}  restarts {restarts}  run time {fields.get('RunTime', '?')}"
+
+
+# Fields of `scontrol show job -o` (one line of Key=Value, as Slurm 22.05 prints it).
+_SCONTROL_FIELD = re.compile(r"(?:^|\s)(JobState|Reason|ExitCode|Restarts|RunTime)=(\S*)")
 
 
 __all__ = [
     "REQUEUE_EXIT_CODE",
     "SlurmError",
     "SlurmJob",
+    "failures_file",
     "parse_env",
     "render",
     "run_dir_of",
