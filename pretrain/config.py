@@ -74,6 +74,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_samples: int = 32
     max_nonfinite_in_a_row: int = 5
+    # Peak TFLOP/s of one device (e.g. 989 for an H100's dense bf16) for MFU; 0: no MFU.
+    peak_tflops: float = 0.0
 
 
 @dataclass

@@ -56,7 +56,7 @@ class Monitor:
                 dir=str(run_dir),
                 mode=mode,
                 tags=cfg.wandb.tags,
-                config=cfg.to_dict(),
+                config={**cfg.to_dict(), "launch": launch_info()},
                 settings=wandb.Settings(console="off", silent=True),
             )
 
@@ -79,6 +79,13 @@ class Monitor:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def launch_info() -> dict[str, str | None]:
+    """Where this process was started: the Slurm job, array task and restart count, if any
+    (SLURM_RESTART_COUNT is unset on a job's first run)."""
+    names = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+    return {name.lower(): os.environ.get(name) for name in names}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import signal
 import sys
 import time
@@ -37,6 +38,7 @@ from pretrain.build import model_for, optimizer_for, scheduler_for, select_devic
 from pretrain.checkpoint import load_latest, save_checkpoint
 from pretrain.config import Config, ConfigError, parse_yaml, save_config
 from pretrain.evaluate import autocast_for, evaluate
+from pretrain.flops import training_flops_per_token
 from pretrain.model.decode import generate
 from pretrain.model.layer import LayerStats
 from pretrain.monitor import Monitor, new_run_id
@@ -129,6 +131,7 @@ class Trainer:
         self.token_bytes = self.tokenizer.token_bytes()
         self.step = 0
         self.skipped_steps = 0
+        self.restarts = 0  # resumes of this run
         self.run_id = ""
         self._stop_requested = False
         self._resume()
@@ -169,6 +172,7 @@ class Trainer:
         self.step = int(state["train"]["step"])
         self.skipped_steps = int(state["train"]["skipped_steps"])
         self.run_id = str(state["train"]["run_id"])
+        self.restarts = int(state["train"].get("restarts", 0)) + 1
         if self.main:
             print(f"seqboat: resuming {self.run_dir} from {path.name}", file=sys.stderr)
 
@@ -183,6 +187,7 @@ class Trainer:
                 "step": self.step,
                 "skipped_steps": self.skipped_steps,
                 "run_id": self.run_id,
+                "restarts": self.restarts,
             },
             # How this rank's model shard fits the whole (merged by ``load_trained``).
             "layout": {
@@ -196,10 +201,13 @@ class Trainer:
             },
         }
 
-    def save(self) -> Path:
-        return save_checkpoint(
+    def save(self) -> float:
+        """Saves a checkpoint of the current step; returns the seconds it took."""
+        start = time.perf_counter()
+        save_checkpoint(
             self.run_dir, self.step, self.state_dict(), keep_last=self.cfg.checkpoint.keep_last
         )
+        return time.perf_counter() - start
 
     # ------------------------------------------------------------------ the loop
 
@@ -242,9 +250,10 @@ class Trainer:
                         "train/loss": sum(window) / max(len(window), 1),
                         "train/lr": self.scheduler.get_last_lr()[0],
                         "train/grad_norm": grad_norm,
-                        "train/tokens_per_s": tokens_per_step / elapsed,
                         "train/step_time_s": elapsed,
                         "train/skipped_steps": self.skipped_steps,
+                        "run/restarts": self.restarts,
+                        **self._throughput(tokens_per_step / elapsed, stats),
                         **_layer_metrics(stats),
                     }
                     monitor.log(metrics, self.step)
@@ -256,11 +265,11 @@ class Trainer:
                     val = self.evaluate()
                     monitor.log({f"val/{k}": v for k, v in val.items()}, self.step)
                 if self.step % cfg.checkpoint.interval == 0 or self.step == t.max_steps:
-                    self.save()
+                    monitor.log({"checkpoint/save_s": self.save()}, self.step)
                     last_saved = self.step
                 if self._stop_agreed():
                     if last_saved != self.step:
-                        self.save()
+                        monitor.log({"checkpoint/save_s": self.save()}, self.step)
                     raise Preempted(self.step)
         finally:
             bar.close()
@@ -269,6 +278,32 @@ class Trainer:
         if val is None:  # the run was already complete: nothing trained, report anyway
             val = self.evaluate()
         return TrainResult(self.step, val, self.sample())
+
+    def _throughput(self, tokens_per_s: float, stats: list[LayerStats] | None) -> dict:
+        """Tokens/s (total and per rank), model TFLOP/s counted dense-equivalent and at the
+        measured activation ratios, MFU when ``train.peak_tflops`` is set, peak memory."""
+        cfg, world = self.cfg, self.topo.world.world_size
+        ratios = [float(s.activated.float().mean()) for s in stats] if stats else None
+        per_token = {
+            "dense": training_flops_per_token(
+                cfg.model, self.model.padded_vocab, cfg.train.seq_length
+            ),
+            "activated": training_flops_per_token(
+                cfg.model, self.model.padded_vocab, cfg.train.seq_length, ratios
+            ),
+        }
+        out = {
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tokens_per_s_per_rank": tokens_per_s / world,
+        }
+        for kind, flops in per_token.items():
+            out[f"perf/tflops_{kind}"] = flops * tokens_per_s / 1e12
+            if cfg.train.peak_tflops > 0:
+                out[f"perf/mfu_{kind}"] = out[f"perf/tflops_{kind}"] / (
+                    cfg.train.peak_tflops * world
+                )
+        out["perf/max_memory_mib"] = _max_memory_mib(self.device)
+        return out
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: all ranks save and leave at the same step."""
@@ -353,6 +388,13 @@ class Trainer:
     def _restore_handlers(previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _max_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's allocator on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def _layer_metrics(stats: list[LayerStats] | None) -> dict[str, float]:

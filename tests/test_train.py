@@ -77,8 +77,15 @@ def test_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(Trainer, "_train_step", original)
 
     resumed = Trainer(small_config(tmp_path / "b"), progress=False)
-    assert resumed.step == 3
+    assert resumed.step == 3 and resumed.restarts == 1
     resumed.train()
+    logged = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    restarts = {r["step"]: r["run/restarts"] for r in logged if "run/restarts" in r}
+    assert restarts == {s: int(s > 3) for s in range(1, 9)}
+    perf = [r for r in logged if "perf/tokens_per_s" in r]
+    assert perf and all(0 < r["perf/tflops_activated"] <= r["perf/tflops_dense"] for r in perf)
+    assert all(r["perf/max_memory_mib"] > 0 for r in perf)
+    assert [r["step"] for r in logged if "checkpoint/save_s" in r] == [3, 4, 8]
 
     a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert list(b) == list(range(1, 9)) and a == b  # bit for bit, every step
