@@ -74,6 +74,9 @@ class TrainConfig:
     eval_interval: int = 100
     eval_samples: int = 32
     max_nonfinite_in_a_row: int = 5
+    # Every this many steps, log a heat map of the tokens each layer activated (the first
+    # sequence of the step's batch) to W&B as an image; 0: never.
+    heatmap_interval: int = 0
     # Peak TFLOP/s of one device (e.g. 989 for an H100's dense bf16) for MFU; 0: no MFU.
     peak_tflops: float = 0.0
 
@@ -327,6 +330,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     for key, value in [
         ("model.ffn_hidden", m.ffn_hidden), ("model.ema_chunk", m.ema_chunk),
+        ("train.heatmap_interval", t.heatmap_interval),
         ("train.threads", t.threads), ("optimizer.warmup_steps", o.warmup_steps),
     ]:  # fmt: skip
         if value < 0:

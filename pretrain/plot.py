@@ -62,10 +62,21 @@ def activation_heatmap(run_dir: Path, tokens: int) -> torch.Tensor | None:
     return torch.stack([s.activated[:, 0].float() for s in stats])
 
 
-def _plot_heatmap(plt, heat: torch.Tensor, path: Path) -> Path:
+def save_heatmap(heat: torch.Tensor, path: Path, what: str = "validation text") -> Path:
+    """[layers, tokens] activation decisions as a PNG (used for W&B images during training)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _plot_heatmap(plt, heat, path, what)
+
+
+def _plot_heatmap(plt, heat: torch.Tensor, path: Path, what: str = "validation text") -> Path:
     fig, ax = plt.subplots(figsize=(10, 1 + 0.4 * heat.shape[0]))
     ax.imshow(heat.numpy(), aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
-    ax.set_xlabel("token position (validation text)")
+    ax.set_xlabel(f"token position ({what})")
     ax.set_ylabel("layer")
     ratios = ", ".join(f"{r:.2f}" for r in heat.mean(1).tolist())
     ax.set_title(f"activated tokens (black); ratio per layer: {ratios}", fontsize=9)

@@ -42,6 +42,7 @@ from pretrain.flops import training_flops_per_token
 from pretrain.model.decode import generate
 from pretrain.model.layer import LayerStats
 from pretrain.monitor import Monitor, new_run_id
+from pretrain.plot import save_heatmap
 
 # Exit code of a run that saved a checkpoint because it was asked to stop (SIGUSR1 or
 # SIGTERM, e.g. Slurm preemption): a launcher reads it as "requeue me".
@@ -229,8 +230,9 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 log_now = (self.step + 1) % t.log_interval == 0
+                heatmap_now = t.heatmap_interval and (self.step + 1) % t.heatmap_interval == 0
                 start = time.perf_counter()
-                loss, grad_norm, stats = self._train_step(collect_stats=log_now)
+                loss, grad_norm, stats = self._train_step(collect_stats=log_now or heatmap_now)
                 elapsed = time.perf_counter() - start
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     nonfinite_in_a_row = 0
@@ -261,6 +263,12 @@ class Trainer:
                         loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}"
                     )
                     window = []
+                if heatmap_now and stats and monitor.run is not None:
+                    heat = torch.stack([s.activated[:, 0].float().cpu() for s in stats])
+                    path = self.run_dir / "plots" / f"activation_{self.step:08d}.png"
+                    monitor.log_image(
+                        "activation", save_heatmap(heat, path, "training batch"), self.step
+                    )
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     val = self.evaluate()
                     monitor.log({f"val/{k}": v for k, v in val.items()}, self.step)

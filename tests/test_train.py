@@ -156,3 +156,15 @@ def test_an_interrupted_save_is_invisible(tmp_path: Path) -> None:
     assert path.name == "step_00000001"
     save_checkpoint(tmp_path, 2, {"x": torch.ones(1)})  # the retry replaces the leftover
     assert load_latest(tmp_path)[1].name == "step_00000002"
+
+
+def test_activation_heat_maps_go_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = small_config(tmp_path, "wandb.mode=offline", "train.heatmap_interval=2")
+    cfg.train.max_steps = 4
+    Trainer(cfg, progress=False).train()
+    assert sorted(p.name for p in (tmp_path / "plots").glob("activation_*.png")) == [
+        "activation_00000002.png", "activation_00000004.png"
+    ]  # fmt: skip
+    logged = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/activation_*.png"))
+    assert len(logged) == 2
