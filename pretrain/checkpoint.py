@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,13 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int = 0,
+    layout: Layout | None = None,
+) -> Path:
     """Every rank writes its ``state`` for ``step``; rank 0 publishes once all are written.
 
     Collective when a process group is initialized: every rank must call it.
@@ -72,6 +79,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
             "format": FORMAT_VERSION,
             "step": step,
             "world_size": world_size,
+            "layout": (layout or Layout(dp_size=world_size)).sizes(),
             "sha256": checksums,
         }
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
@@ -100,14 +108,33 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: p.name)
 
 
-def load_latest(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+@dataclass(frozen=True)
+class Layout:
+    """How a run is split: this rank's coordinates and the sizes (megatron-core's rank order
+    tp-cp-dp, so global rank = tp + tp_size * (cp + cp_size * dp))."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def sizes(self) -> dict[str, int]:
+        return {"tp_size": self.tp_size, "cp_size": self.cp_size, "dp_size": self.dp_size}
+
+
+def load_latest(run_dir: Path, layout: Layout | None = None) -> tuple[dict[str, Any], Path] | None:
     """This rank's state in the newest checkpoint every rank can use, or None if none exists.
 
     Starts from the ``latest`` pointer; a checkpoint whose file fails its checksum or does
     not load on any rank is reported and the previous complete one is tried (all ranks
-    agree on the choice). Collective when a process group is initialized.
+    agree on the choice). Collective when a process group is initialized. A checkpoint of
+    another data-parallel size loads too (the data-parallel replicas hold the same model
+    and optimizer state, and the data order is global): ``state["elastic"]`` is then True.
     """
-    rank, world_size = _rank_and_world()
+    rank, _ = _rank_and_world()
+    layout = layout or Layout()
     candidates = complete_checkpoints(run_dir)
     pointer = checkpoint_dir(run_dir) / LATEST
     if pointer.is_file():
@@ -117,7 +144,7 @@ def load_latest(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     for ckpt in reversed(candidates):
         state, error = None, None
         try:
-            state = load_checkpoint(ckpt, rank, world_size)
+            state = load_checkpoint(ckpt, layout)
         except CheckpointError as e:
             error = str(e)
         failures = [e for e in _gather(error) if e is not None]
@@ -132,15 +159,23 @@ def load_latest(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+def load_checkpoint(ckpt: Path, layout: Layout | None = None) -> dict[str, Any]:
+    """The state this rank resumes from: its own file, or, when the data-parallel size
+    changed, the file of the same tensor/context coordinates on a surviving replica."""
+    layout = layout or Layout()
     meta = read_meta(ckpt)
-    if meta["world_size"] != world_size:
+    saved = meta.get("layout") or {"tp_size": 1, "cp_size": 1, "dp_size": meta["world_size"]}
+    if (saved["tp_size"], saved["cp_size"]) != (layout.tp_size, layout.cp_size):
         raise CheckpointError(
-            f"{ckpt} was written by {meta['world_size']} ranks and this run has {world_size}; "
-            "resuming on a different number of ranks needs resharding, which this format "
-            "does not do yet"
+            f"{ckpt} was written with tensor x context sizes {saved['tp_size']} x "
+            f"{saved['cp_size']} and this run has {layout.tp_size} x {layout.cp_size}; "
+            "resharding the model across those is not implemented yet"
         )
-    return load_rank_file(ckpt, rank, meta)
+    dp = min(layout.dp_rank, saved["dp_size"] - 1)
+    source = layout.tp_rank + layout.tp_size * (layout.cp_rank + layout.cp_size * dp)
+    state = load_rank_file(ckpt, source, meta)
+    state["elastic"] = saved["dp_size"] != layout.dp_size
+    return state
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from parallel.tensor import (
 )
 from parallel.topology import Topology
 from pretrain.build import model_for, optimizer_for, scheduler_for, select_device, tokenizer_for
-from pretrain.checkpoint import load_latest, save_checkpoint
+from pretrain.checkpoint import Layout, load_latest, save_checkpoint
 from pretrain.config import Config, ConfigError, parse_yaml, save_config
 from pretrain.evaluate import autocast_for, evaluate
 from pretrain.flops import training_flops_per_token
@@ -160,7 +160,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, saved)
         self._barrier()
-        loaded = load_latest(self.run_dir)
+        loaded = load_latest(self.run_dir, self.layout())
         if loaded is None:
             self.run_id = _broadcast_object(new_run_id() if self.main else None, self.distributed)
             return
@@ -169,13 +169,15 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+        if not state["elastic"]:  # else this rank's dropout stream is new: seeded in __init__
+            _set_rng_state(state["rng"])
         self.step = int(state["train"]["step"])
         self.skipped_steps = int(state["train"]["skipped_steps"])
         self.run_id = str(state["train"]["run_id"])
         self.restarts = int(state["train"].get("restarts", 0)) + 1
         if self.main:
-            print(f"seqboat: resuming {self.run_dir} from {path.name}", file=sys.stderr)
+            how = " on a different data-parallel size" if state["elastic"] else ""
+            print(f"seqboat: resuming {self.run_dir} from {path.name}{how}", file=sys.stderr)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -202,12 +204,19 @@ class Trainer:
             },
         }
 
+    def layout(self) -> Layout:
+        return Layout(
+            self.tp.rank, self.tp.size, self.cp.rank, self.cp.size,
+            self.topo.dp_rank, self.topo.dp_size,
+        )  # fmt: skip
+
     def save(self) -> float:
         """Saves a checkpoint of the current step; returns the seconds it took."""
         start = time.perf_counter()
         save_checkpoint(
-            self.run_dir, self.step, self.state_dict(), keep_last=self.cfg.checkpoint.keep_last
-        )
+            self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last,
+            self.layout(),
+        )  # fmt: skip
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ the loop

@@ -42,6 +42,8 @@ def train(tmp_path: Path, name: str, launcher: list[str], *extra: str) -> list[d
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("val loss") == 1  # one report, from rank 0
+    if "resuming" in out.stderr and "elastic" in str(run_dir):
+        assert "on a different data-parallel size" in out.stderr
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -78,3 +80,25 @@ def test_parallel_run_matches_one_process(tmp_path: Path, split: list[str]) -> N
     va, vb = curve(single, "val/loss"), curve(parallel, "val/loss")
     assert list(va) == list(vb) == [0, 15, 30]
     assert max(abs(va[s] - vb[s]) / va[s] for s in va) < 1e-4
+
+
+@pytest.mark.slow
+def test_resume_on_another_data_parallel_size(tmp_path: Path) -> None:
+    """10 steps on 2 data-parallel ranks, then 10 more on 1 process, follow 20 straight steps
+    on 1 process: the data order is global, and the replicas' state is the same."""
+    constant = ["optimizer.decay=constant", "optimizer.warmup_steps=0", "checkpoint.interval=10"]
+    straight = train(tmp_path, "straight", [sys.executable], "train.max_steps=20", *constant)
+    (port,) = free_ports(1)
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+    ]  # fmt: skip
+    train(tmp_path, "elastic", torchrun, "train.max_steps=10", *constant)
+    resumed = train(tmp_path, "elastic", [sys.executable], "train.max_steps=20", *constant)
+
+    def curve(records: list[dict]) -> dict[int, float]:
+        return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+    a, b = curve(straight), curve(resumed)
+    assert list(a) == list(b) == list(range(1, 21))
+    assert max(abs(a[s] - b[s]) / a[s] for s in a) < 1e-4
