@@ -57,7 +57,9 @@ class Monitor:
                 mode=mode,
                 tags=cfg.wandb.tags,
                 config={**cfg.to_dict(), "launch": launch_info()},
-                settings=wandb.Settings(console="off", silent=True),
+                # A loaded node can take long to start W&B's service process: wait, rather
+                # than fail a training run over its monitoring.
+                settings=wandb.Settings(console="off", silent=True, init_timeout=300),
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
