@@ -6,11 +6,12 @@ rank's traceback is raised in the calling process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -76,3 +77,23 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> lis
                 p.kill()
                 p.join()
     return [results[r] for r in range(world)]
+
+
+@contextlib.contextmanager
+def gloo_world(rank: int, world: int) -> Iterator[None]:
+    """Inside a ``run_ranks`` worker: the gloo process group (megatron-core's CUDA calls
+    routed to CPU), torn down on the way out with megatron-core's groups."""
+    import torch.distributed as dist
+
+    from parallel import cpu_compat
+
+    cpu_compat.install()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        from megatron.core import parallel_state
+
+        dist.barrier()  # without it gloo sometimes aborts at exit (SLURM-NOTES.md)
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -290,15 +290,11 @@ def check_bytes(group, rank: int, cp: int) -> dict:
 def worker(rank: int, world: int) -> dict:
     import warnings
 
-    import torch.distributed as dist
-
-    from parallel import cpu_compat
+    from parallel.local import gloo_world
 
     warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE on CPU
-    cpu_compat.install()
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict = {"halo": {}, "attention": {}, "bytes": None}
-    try:
+    with gloo_world(rank, world):
         for cp in (4, 2, 1):
             group, cp_rank = init_context_parallel(cp)
             for case in HALO_CASES:
@@ -309,13 +305,7 @@ def worker(rank: int, world: int) -> dict:
                     results["attention"][case[0]] = check_attention_case(case, group, cp_rank)
             if cp == 4:
                 results["bytes"] = check_bytes(group, cp_rank, cp)
-        return results
-    finally:
-        from megatron.core import parallel_state
-
-        dist.barrier()
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")

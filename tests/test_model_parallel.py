@@ -253,20 +253,10 @@ def check_near_ties(rank: int) -> dict:
 
 
 def worker(rank: int, world: int) -> list:
-    import torch.distributed as dist
+    from parallel.local import gloo_world
 
-    from parallel import cpu_compat
-
-    cpu_compat.install()
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_world(rank, world):
         return [check_case(rank, case) for case in CASES] + [check_near_ties(rank)]
-    finally:
-        from megatron.core import parallel_state
-
-        dist.barrier()
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

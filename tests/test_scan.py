@@ -183,21 +183,11 @@ def check_case(rank: int, case: tuple) -> dict:
 def worker(rank: int, world: int) -> list:
     import warnings
 
-    import torch.distributed as dist
-
-    from parallel import cpu_compat
+    from parallel.local import gloo_world
 
     warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE / CUDA on CPU
-    cpu_compat.install()
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_world(rank, world):
         return [check_case(rank, case) for case in CASES]
-    finally:
-        from megatron.core import parallel_state
-
-        dist.barrier()
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
