@@ -132,15 +132,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     """One process, or one rank of a torchrun / srun launch (the world comes from the
     launcher's environment)."""
     from parallel.topology import ParallelSizes, detect_world, init_distributed, shutdown
-    from pretrain.train import Trainer
+    from pretrain.train import Preempted, Trainer, record_early_stops
 
+    record_early_stops()
     cfg = _config(args)
     world = detect_world()
     topology = None
     if world.world_size > 1:
         sizes = ParallelSizes(tensor=cfg.parallel.tensor, context=cfg.parallel.context)
         topology = init_distributed(sizes, world)
-    result = Trainer(cfg, progress=not args.no_progress, topology=topology).train()
+    try:
+        result = Trainer(cfg, progress=not args.no_progress, topology=topology).train()
+    except Preempted:
+        if topology is not None:  # every rank stopped at the same step: the barrier is safe
+            shutdown()
+        raise
     if topology is not None:  # not on failure: a barrier would wait for the ranks that died
         shutdown()
     if world.rank == 0:

@@ -58,7 +58,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint is saved when a stop was requested."""
+    """Raised after the checkpoint is saved when a stop was requested. The process is
+    expected to exit (with REQUEUE_EXIT_CODE): SIGTERM is left ignored."""
 
     def __init__(self, step: int) -> None:
         super().__init__(f"stopped on request at step {step}; checkpoint saved")
@@ -287,6 +288,11 @@ class Trainer:
                 if self._stop_agreed():
                     if last_saved != self.step:
                         monitor.log({"checkpoint/save_s": self.save()}, self.step)
+                    # srun --kill-on-bad-exit answers the first rank's exit 75 with SIGTERM
+                    # to the others: they must leave with 75 too, not die by the signal. The
+                    # process is on its way out (see Preempted), so SIGTERM stays ignored.
+                    previous_handlers.pop(signal.SIGTERM, None)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
                     raise Preempted(self.step)
         finally:
             bar.close()
@@ -393,6 +399,9 @@ class Trainer:
             # Only set a flag: the step finishes and the checkpoint is written at its end.
             self._stop_requested = True
 
+        # A request that came while the process was still starting (see record_early_stops).
+        self._stop_requested = self._stop_requested or _early_stop["requested"]
+
         previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
@@ -405,6 +414,21 @@ class Trainer:
     def _restore_handlers(previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+_early_stop = {"requested": False}
+
+
+def record_early_stops() -> None:
+    """From process start until ``Trainer.train`` installs its handlers, remember SIGUSR1 /
+    SIGTERM instead of dying by them (Slurm's --signal may come during minutes of imports
+    and setup); the run then stops at its first step boundary."""
+
+    def remember(signum: int, frame: Any) -> None:
+        _early_stop["requested"] = True
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, remember)
 
 
 def _max_memory_mib(device: torch.device) -> float:

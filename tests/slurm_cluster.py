@@ -11,9 +11,10 @@ process (the daemon) is killed: job steps cannot outlive the cluster. The machin
 ``/etc/hosts`` and Slurm configuration are never touched; ``SLURM_CONF`` is set only in the
 environments this module hands out (``SlurmCluster.env``).
 
-Settings and timings come from /work/shared/SLURM-NOTES.md (measured): ``cred_expire=10``
-and ``sched_interval=2`` make a requeued job start again ~12 s later instead of minutes;
-``SlurmdParameters=config_overrides`` lets each node advertise more CPUs than the host has.
+Settings measured on Slurm 22.05.8: ``cred_expire=10`` and ``sched_interval=2`` let a
+requeued job start again seconds later instead of minutes; ``SlurmdParameters=
+config_overrides`` lets each node advertise more CPUs than the host has. Daemons and jobs
+run as root, with ``proctrack/linuxproc`` and ``task/none``: no cgroups, no systemd.
 
 Needs root, ``unshare`` and the Slurm and munge binaries: ``unavailable_reason()`` says
 which is missing (tests skip with it).
@@ -37,11 +38,15 @@ from pathlib import Path
 from parallel.local import free_ports
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "sinfo")
+CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
 CONTROLLER = "slurmctl"  # the controller's hostname inside its namespace
+PREFIX = "seqboat-slurm-"  # of the private folder, in the temporary directory
 MARKER = "SEQBOAT_SLURM_CLUSTER"  # in every process's environment: the private folder
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE", "OUT_OF_MEMORY"}  # fmt: skip
+# Job states after which nothing more happens (a requeued job goes back to PENDING instead).
+FINISHED = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+    "DEADLINE", "OUT_OF_MEMORY",
+}  # fmt: skip
 
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")  # daemons live here, maybe not on PATH
 
@@ -67,7 +72,7 @@ def unavailable_reason() -> str | None:
             "slurmctld slurmd slurm-client munge; .ci/run does this when it runs as root)"
         )
     probe = subprocess.run(
-        ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "true"],
+        [_which("unshare"), "--mount", "--uts", "--pid", "--fork", "--mount-proc", "true"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     if probe.returncode != 0:
@@ -90,10 +95,12 @@ class SlurmCluster:
         return self.root / "slurm.conf"
 
     def run(self, *argv: str, check: bool = True, timeout_s: float = 30):
-        """A Slurm client command against this cluster."""
+        """A Slurm client command against this cluster, run in the private folder (where
+        e.g. sbatch's default slurm-<id>.out would go, and so be removed with it)."""
         proc = subprocess.run(
-            list(argv), env=self.env, capture_output=True, text=True, timeout=timeout_s
-        )
+            list(argv), env=self.env, cwd=self.root / "work", capture_output=True, text=True,
+            timeout=timeout_s,
+        )  # fmt: skip
         if check and proc.returncode != 0:
             raise ClusterError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
         return proc
@@ -147,13 +154,15 @@ def slurm_cluster(
     nodes: int = 2, cpus_per_node: int = 4, start_timeout_s: float = 60
 ) -> Iterator[SlurmCluster]:
     """A running cluster of ``nodes`` nodes (each advertising ``cpus_per_node`` CPUs, one
-    partition ``test``), torn down on exit: jobs cancelled, daemons killed by pid (and with
+    partition ``test``), torn down on exit: jobs cancelled, daemons stopped by pid (and with
     them every process in their namespaces), the private folder removed. Raises
     ``ClusterError`` if the cluster is not up within ``start_timeout_s``, or if a process of
     the cluster outlived the teardown (it is killed first)."""
     # Short path: the munge socket's must fit in 108 bytes. A fresh folder every time: job
     # ids start again at 1 on a new cluster.
-    root = Path(tempfile.mkdtemp(prefix="seqboat-slurm-"))
+    _remove_stale_folders()
+    root = Path(tempfile.mkdtemp(prefix=PREFIX))
+    (root / "owner").write_text(f"{os.getpid()}\n")
     names = [f"node{i}" for i in range(1, nodes + 1)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
     env.update(SLURM_CONF=str(root / "slurm.conf"), **{MARKER: str(root)})
@@ -168,9 +177,21 @@ def slurm_cluster(
         _teardown(cluster)
 
 
+def _remove_stale_folders() -> None:
+    """Private folders left by a test process that was killed before its teardown (its
+    daemons died with it: see ``die_with_parent``)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            owner = int((folder / "owner").read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created
+        if not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _write_files(cluster: SlurmCluster, cpus: int) -> None:
     root = cluster.root
-    for sub in ("munge", "log", "state", "run", *(f"spool/{n}" for n in cluster.nodes)):
+    for sub in ("munge", "log", "state", "run", "work", *(f"spool/{n}" for n in cluster.nodes)):
         (root / sub).mkdir(parents=True, mode=0o700)
     # munged wants its socket's folder and the ones above searchable by all.
     for folder in (root, root / "munge"):
@@ -229,18 +250,27 @@ def _write_files(cluster: SlurmCluster, cpus: int) -> None:
     cluster.conf.write_text("\n".join(lines) + "\n")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the test process dies, however it dies."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def _spawn(cluster: SlurmCluster, name: str, argv: list[str]) -> None:
     with open(cluster.root / "log" / f"{name}.stdout.log", "wb") as log:
         cluster.procs[name] = subprocess.Popen(
             argv, env=cluster.env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGKILL when the test process dies, however it
+    dies (also a SIGKILL, where no teardown runs)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def isolated(argv: list[str]) -> list[str]:
+    """``argv`` as the first process of a new PID namespace: when it ends, or the test
+    process dies (with ``preexec_fn=die_with_parent``), every process it started ends too.
+    Needs what the cluster needs (root, unshare)."""
+    pid_ns = ["--pid", "--fork", "--mount", "--mount-proc", "--kill-child"]
+    return [_which("unshare"), *pid_ns, "--", *argv]
 
 
 def _in_namespace(cluster: SlurmCluster, hostname: str, argv: list[str]) -> list[str]:
@@ -263,8 +293,11 @@ def _start(cluster: SlurmCluster) -> None:
     ])  # fmt: skip
     cluster.wait("munged's socket", (munge / "munge.socket").exists, 15, every_s=0.05)
     conf = str(cluster.conf)
-    _spawn(cluster, "slurmctld",
-           _in_namespace(cluster, CONTROLLER, [_which("slurmctld"), "-D", "-i", "-f", conf]))
+    _spawn(
+        cluster,
+        "slurmctld",
+        _in_namespace(cluster, CONTROLLER, [_which("slurmctld"), "-D", "-i", "-f", conf]),
+    )
     for name in cluster.nodes:
         argv = [_which("slurmd"), "-D", "-N", name, "-f", conf]
         _spawn(cluster, f"slurmd-{name}", _in_namespace(cluster, name, argv))
@@ -315,19 +348,38 @@ def _cancel_jobs(cluster: SlurmCluster) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGKILL to unshare (or munged): with --kill-child, the namespace goes with it."""
+    """SIGTERM to the daemon (for slurmd and slurmctld: unshare's child, the first process
+    of the namespace, whose end takes every other process of the namespace along), then
+    SIGKILL to what we started if it has not ended within 10 s. With --kill-child, unshare
+    going kills the daemon in turn."""
     if proc.poll() is None:
-        proc.kill()
+        target = _only_child(proc.pid) if _is_unshare(proc) else proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target or proc.pid, signal.SIGTERM if target else signal.SIGKILL)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        pass
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+def _is_unshare(proc: subprocess.Popen) -> bool:
+    return Path(str(proc.args[0])).name == "unshare"
+
+
+def _only_child(pid: int) -> int | None:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if len(children) == 1 else None
 
 
 def _cluster_pids(root: Path) -> list[int]:
     """Processes of this cluster still alive: ours carry ``MARKER=<root>`` in their
     environment (daemons from ``_spawn``, jobs from the submitter's environment)."""
-    needle = f"{MARKER}={root}\0".encode()
+    needle = f"\0{MARKER}={root}\0".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -337,7 +389,7 @@ def _cluster_pids(root: Path) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if needle in environ + b"\0" and state != "Z":
+        if needle in b"\0" + environ and state != "Z":
             pids.append(int(entry.name))
     return pids
 
@@ -349,4 +401,11 @@ def _wait_for_strays(root: Path, timeout_s: float) -> list[int]:
     return pids
 
 
-__all__ = ["ClusterError", "SlurmCluster", "slurm_cluster", "unavailable_reason"]
+__all__ = [
+    "ClusterError",
+    "SlurmCluster",
+    "die_with_parent",
+    "isolated",
+    "slurm_cluster",
+    "unavailable_reason",
+]

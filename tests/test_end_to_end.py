@@ -44,8 +44,11 @@ def seqboat(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
+    # Not the W&B variables of this process: an in-process W&B run (another test) leaves
+    # its service's address behind, which a child would try to reach.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return {
-        **os.environ,
+        **inherited,
         "WANDB_MODE": "offline",
         "SEQBOAT_CACHE_DIR": str(tmp_path / "cache"),
         "OMP_NUM_THREADS": "2",

@@ -70,8 +70,11 @@ def test_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         return original(self, collect_stats)
 
     monkeypatch.setattr(Trainer, "_train_step", signal_during_step_3)
+    sigterm = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as stopped:
         Trainer(small_config(tmp_path / "b"), progress=False).train()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # on its way out: no SIGTERM
+    signal.signal(signal.SIGTERM, sigterm)
     assert stopped.value.step == 3
     assert [p.name for p in complete_checkpoints(tmp_path / "b")] == ["step_00000003"]
     monkeypatch.setattr(Trainer, "_train_step", original)
