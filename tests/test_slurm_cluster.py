@@ -24,6 +24,7 @@ import pytest
 
 from parallel.local import free_ports
 from pretrain.monitor import read_metrics
+from tests.conftest import SMALL_RUN
 from tests.slurm_cluster import (
     FINISHED,
     SlurmCluster,
@@ -37,22 +38,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
-STEPS = 30
+STEPS = 30  # SMALL_RUN's train.max_steps
 RUN = [
-    "wandb.mode=disabled",
-    "data.tokenizer.kind=byte",
-    "model.layers=2",
-    "model.width=64",
-    "model.zdim=16",
-    "model.hdim=128",
-    "model.window=16",
-    "train.seq_length=64",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    f"train.max_steps={STEPS}",
-    "train.log_interval=1",
-    "train.eval_interval=15",
-    "train.eval_samples=8",
+    *SMALL_RUN,
     "checkpoint.interval=5",  # the stop signal goes out after the first: 25 steps to spare
     "parallel.tensor=2",  # x data 2 on 4 ranks
 ]

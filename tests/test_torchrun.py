@@ -12,25 +12,9 @@ import pytest
 
 from parallel.local import free_ports
 from pretrain.monitor import read_metrics
+from tests.conftest import SMALL_RUN
 
-RUN = [
-    "--no-progress",
-    "wandb.mode=disabled",
-    "data.tokenizer.kind=byte",
-    "model.layers=2",
-    "model.width=64",
-    "model.zdim=16",
-    "model.hdim=128",
-    "model.window=16",
-    "train.seq_length=64",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    "train.max_steps=30",
-    "train.log_interval=1",
-    "train.eval_interval=15",
-    "train.eval_samples=8",
-    "checkpoint.interval=15",
-]
+RUN = ["--no-progress", *SMALL_RUN, "checkpoint.interval=15"]
 
 
 def train(tmp_path: Path, name: str, launcher: list[str], *extra: str) -> list[dict]:
