@@ -139,7 +139,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = detect_world()
     topology = None
     if world.world_size > 1:
-        sizes = ParallelSizes(tensor=cfg.parallel.tensor, context=cfg.parallel.context)
+        sizes = ParallelSizes(
+            tensor=cfg.parallel.tensor,
+            pipeline=cfg.parallel.pipeline,
+            context=cfg.parallel.context,
+        )
         topology = init_distributed(sizes, world)
     try:
         result = Trainer(cfg, progress=not args.no_progress, topology=topology).train()

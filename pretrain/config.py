@@ -93,6 +93,9 @@ class OptimizerConfig:
     warmup_steps: int = 30
     decay: str = "cosine"  # cosine | linear | constant
     clip_grad: float = 1.0
+    # DeepSpeed ZeRO stage over the data-parallel group: 0 = our own data parallelism,
+    # 1 = optimizer state sharded, 2 = + gradients, 3 = + parameters.
+    zero_stage: int = 0
 
 
 @dataclass
@@ -119,6 +122,11 @@ class ParallelConfig:
     # Balance local-attention work over ranks: "off", "context" (the context-parallel group)
     # or "data" (data x context ranks).
     dispatch: str = "off"
+    pipeline: int = 1  # pipeline stages (megatron-core schedules)
+    # Model chunks per pipeline rank: > 1 runs megatron-core's interleaved 1F1B schedule.
+    virtual_stages: int = 1
+    # Layers per stage (one entry per stage x virtual stage, in layer order); empty = even.
+    stage_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -374,8 +382,13 @@ def _validate_parallel(cfg: Config) -> None:
     _choice("parallel.dispatch", p.dispatch, ("off", "context", "data"))
     if p.dispatch == "context" and p.context == 1:
         raise ConfigError("parallel.dispatch=context needs parallel.context > 1")
-    if p.tensor <= 0 or p.context <= 0:
-        raise ConfigError(f"parallel.tensor and parallel.context must be positive, got {p}")
+    if min(p.tensor, p.context, p.pipeline, p.virtual_stages) <= 0:
+        raise ConfigError(
+            "parallel.tensor, context, pipeline and virtual_stages must be positive, got "
+            f"{p.tensor}, {p.context}, {p.pipeline}, {p.virtual_stages}"
+        )
+    _validate_pipeline(cfg)
+    _validate_zero(cfg)
     if p.context > 1:
         if m.arch != "seqboat":
             raise ConfigError("parallel.context > 1 is implemented for model.arch=seqboat only")
@@ -400,6 +413,42 @@ def _validate_parallel(cfg: Config) -> None:
         raise ConfigError(
             f"train.seq_length / parallel.context ({cfg.train.seq_length // p.context}) must be "
             f"divisible by parallel.tensor ({p.tensor}) with sequence parallelism"
+        )
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    p, m = cfg.parallel, cfg.model
+    chunks = p.pipeline * p.virtual_stages
+    if p.virtual_stages > 1 and p.pipeline == 1:
+        raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline > 1")
+    if p.stage_layers:
+        if len(p.stage_layers) != chunks or min(p.stage_layers) < 1:
+            raise ConfigError(
+                f"parallel.stage_layers needs {chunks} positive entries (pipeline x "
+                f"virtual_stages), got {p.stage_layers}"
+            )
+        if sum(p.stage_layers) != m.layers:
+            raise ConfigError(
+                f"parallel.stage_layers {p.stage_layers} sums to {sum(p.stage_layers)}, "
+                f"not model.layers ({m.layers})"
+            )
+    elif m.layers % chunks:
+        raise ConfigError(
+            f"model.layers ({m.layers}) must be divisible by parallel.pipeline x "
+            f"virtual_stages ({chunks}), or set parallel.stage_layers"
+        )
+    if p.pipeline > 1 and m.arch != "seqboat":
+        raise ConfigError("parallel.pipeline > 1 is implemented for model.arch=seqboat only")
+
+
+def _validate_zero(cfg: Config) -> None:
+    stage = cfg.optimizer.zero_stage
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"optimizer.zero_stage must be 0, 1, 2 or 3, got {stage}")
+    if stage >= 2 and cfg.parallel.pipeline > 1:
+        raise ConfigError(
+            f"optimizer.zero_stage={stage} cannot run with parallel.pipeline > 1 (DeepSpeed "
+            "allows ZeRO-1 only with pipeline parallelism)"
         )
 
 
