@@ -11,8 +11,16 @@ from torch import nn
 
 from data.tokenizer import Tokenizer, build_tokenizer
 from parallel.context import SINGLE_CONTEXT, ContextParallel
-from parallel.tensor import SINGLE, TensorParallel, merge_shards, shard_state_dict
-from pretrain.checkpoint import complete_checkpoints, load_rank_file, read_meta
+from parallel.sharding import Place, load_model, model_sharded_state_dict
+from parallel.tensor import SINGLE, TensorParallel, shard_state_dict
+from pretrain.checkpoint import (
+    SHARDED,
+    complete_checkpoints,
+    load_rank_file,
+    load_sharded,
+    read_meta,
+    verify_files,
+)
 from pretrain.config import Config, OptimizerConfig, config_from_dict, parse_yaml
 from pretrain.model.lm import LanguageModel
 
@@ -86,7 +94,7 @@ def scheduler_for(
 
 def load_trained(run_dir: Path, device: torch.device | None = None):
     """(config, tokenizer, single-process model with the newest checkpoint's weights, step)
-    of a run, whatever the number of ranks that trained it (tensor shards are merged)."""
+    of a run, whatever the split that trained it (the sharded tensors load whole)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -97,13 +105,10 @@ def load_trained(run_dir: Path, device: torch.device | None = None):
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
     ckpt = checkpoints[-1]
     meta = read_meta(ckpt)
-    # Ranks 0 .. tp-1 are data-parallel rank 0's tensor-parallel shards.
+    verify_files(ckpt, meta)
     first = load_rank_file(ckpt, 0, meta)
-    shards = [first["model"]] + [
-        load_rank_file(ckpt, r, meta)["model"] for r in range(1, first["layout"]["tp_size"])
-    ]
     device = device or select_device(cfg)
     tokenizer = tokenizer_for(cfg)
-    model = model_for(cfg, tokenizer.vocab_size, device)
-    model.load_state_dict(merge_shards(shards, first["layout"]["split"]))
-    return cfg, tokenizer, model, int(first["train"]["step"])
+    model = model_for(cfg, tokenizer.vocab_size, torch.device("cpu"))
+    load_model(model, load_sharded(ckpt / SHARDED, model_sharded_state_dict(model, Place(), True)))
+    return cfg, tokenizer, model.to(device), int(first["train"]["step"])

@@ -1,27 +1,40 @@
-"""Atomic, per-rank checkpoints with a ``latest`` pointer.
+"""Atomic, sharded checkpoints with a ``latest`` pointer.
 
 Layout of ``<run_dir>/checkpoints``::
 
     step_00000100/
-        rank_00000.pt     each rank's state: model shard, optimizer, scheduler, data loader, RNG
-        rank_00001.pt     ...
-        meta.json         written last, by rank 0: step, world size, sha256 of every rank file
+        model/            megatron-core dist_checkpointing (PyTorch distributed checkpoint):
+            __0_0.distcp    model and optimizer tensors, each rank writing its own shards
+            __1_0.distcp    (whole tensors' layout: loads into any tensor/context/data split)
+            .metadata, common.pt, metadata.json
+        rank_00000.pt     each rank's other state: optimizer record, scheduler, data loader,
+        rank_00001.pt     RNG, train counters and W&B run id, layout (``torch.save``)
+        meta.json         written last, by rank 0: step, layout, sha256 of EVERY file above
     latest                name of the newest complete checkpoint (moved last)
 
-Every rank writes its file into ``step_X.tmp`` and fsyncs it; once all have (a barrier),
-rank 0 writes the meta, renames the folder and only then moves ``latest``, so a kill at any
-moment leaves the previous checkpoint usable.
-Files are plain ``torch.save`` dicts of tensors and Python primitives, loaded with
-``weights_only=True``. The per-rank layout is what sharded saving extends.
+Every rank writes into ``step_X.tmp`` (in parallel, fsynced); once all have (a barrier),
+each hashes the files it wrote, rank 0 writes ``meta.json`` (the completion marker), renames
+the folder and only then moves ``latest``: a kill at any moment leaves the previous
+checkpoint usable, and a checkpoint without ``meta.json`` is never read. On load, every
+file is checked against its checksum first (the ranks share the work) and a bad one is
+reported by name; loading then falls back to the previous complete checkpoint.
+
+Test hook: ``SEQBOAT_CHECKPOINT_PAUSE=<step>:<path>`` makes the save of that step stop
+after this rank's files are written, create ``<path>.rank<N>`` (holding its pid), and wait
+until ``<path>`` exists -- a deterministic moment to kill a rank in the middle of a save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +42,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LATEST = "latest"
+META = "meta.json"
+SHARDED = "model"  # the dist_checkpointing folder inside a step
+PAUSE_ENV = "SEQBOAT_CHECKPOINT_PAUSE"
+
+# Builds the sharded state dict to load into from this rank's loaded file (the optimizer's
+# state shapes are in it).
+Template = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class CheckpointError(RuntimeError):
@@ -49,65 +69,6 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    state: dict[str, Any],
-    keep_last: int = 0,
-    layout: Layout | None = None,
-) -> Path:
-    """Every rank writes its ``state`` for ``step``; rank 0 publishes once all are written.
-
-    Collective when a process group is initialized: every rank must call it.
-    """
-    rank, world_size = _rank_and_world()
-    root = checkpoint_dir(run_dir)
-    final = root / step_name(step)
-    tmp = root / (step_name(step) + ".tmp")
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a save that was killed
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
-    path = tmp / rank_file(rank)
-    torch.save(state, path)
-    _fsync(path)
-    checksums = dict(_gather((rank_file(rank), _sha256(path))))
-    if rank == 0:
-        meta = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "world_size": world_size,
-            "layout": (layout or Layout(dp_size=world_size)).sizes(),
-            "sha256": checksums,
-        }
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-        _fsync(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-        _write_atomic(root / LATEST, final.name + "\n")
-        if keep_last > 0:
-            _prune(root, keep_last)
-    _barrier()
-    return final
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with ``meta.json``), oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    dirs = [
-        p for p in root.iterdir()
-        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
-        and (p / "meta.json").is_file()
-    ]  # fmt: skip
-    return sorted(dirs, key=lambda p: p.name)
-
-
 @dataclass(frozen=True)
 class Layout:
     """How a run is split: this rank's coordinates and the sizes (megatron-core's rank order
@@ -124,30 +85,215 @@ class Layout:
         return {"tp_size": self.tp_size, "cp_size": self.cp_size, "dp_size": self.dp_size}
 
 
-def load_latest(run_dir: Path, layout: Layout | None = None) -> tuple[dict[str, Any], Path] | None:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int = 0,
+    layout: Layout | None = None,
+    sharded: dict[str, Any] | None = None,
+) -> Path:
+    """Every rank writes its ``state`` (``torch.save``) and its shards of ``sharded`` (a
+    megatron-core sharded state dict, saved with ``dist_checkpointing``) for ``step``;
+    rank 0 publishes once all are written.
+
+    Collective when a process group is initialized: every rank must call it.
+    """
+    rank, world_size = _rank_and_world()
+    root = checkpoint_dir(run_dir)
+    final = root / step_name(step)
+    tmp = root / (step_name(step) + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+        (tmp / SHARDED).mkdir(parents=True)
+    _barrier()
+    if sharded is not None:
+        _save_sharded(sharded, tmp / SHARDED)
+    path = tmp / rank_file(rank)
+    torch.save(state, path)
+    _fsync(path)
+    _pause_for_tests(step, rank)
+    _barrier()  # every rank's files are complete
+    checksums = {k: v for part in _gather(_hash_own_files(tmp, rank)) for k, v in part.items()}
+    if rank == 0:
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "world_size": world_size,
+            "layout": (layout or Layout(dp_size=world_size)).sizes(),
+            "sharded": sharded is not None,
+            "sha256": dict(sorted(checksums.items())),
+        }
+        _write_atomic(tmp / META, json.dumps(meta, indent=1))
+        _fsync(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        _write_atomic(root / LATEST, final.name + "\n")
+        if keep_last > 0:
+            _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _save_sharded(sharded: dict[str, Any], folder: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    with _process_group():
+        dist_checkpointing.save(sharded, str(folder), sharded_strategy=_sync_save())
+
+
+def _sync_save_strategy_class() -> type:
+    """megatron-core's ``torch_dist`` format, written synchronously by the calling process.
+
+    megatron's own writer forks a writer process per save and reports through a spawned
+    ``Manager`` process: that fails in daemonic processes, leaves orphans when a rank is
+    killed, needs ``__main__`` guards and may die by a stop signal sent to the process
+    group. PyTorch's ``FileSystemWriter`` writes the same files (``__<rank>_0.distcp``,
+    ``.metadata``), fsynced, and megatron's default loader reads them."""
+    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class SyncSave(SaveShardedStrategy):
+        def __init__(self) -> None:
+            super().__init__("torch_dist", 1)
+
+        def save(self, sharded_state_dict: dict[str, Any], checkpoint_dir: Path) -> None:
+            # Only main replicas (replica id all zeros) are written.
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+            dcp_save(
+                mcore_to_pyt_state_dict(flat, False),
+                storage_writer=FileSystemWriter(
+                    checkpoint_dir, single_file_per_rank=True, sync_files=True, thread_count=1
+                ),
+                planner=MCoreSavePlanner(
+                    flatten_state_dict=False, can_run_decentralized_global_plan=False
+                ),
+            )
+
+        @property
+        def can_handle_sharded_objects(self) -> bool:
+            return True
+
+    return SyncSave
+
+
+def _sync_save() -> Any:
+    """A ``SyncSave`` strategy (the class is built on first use: megatron imports slowly)."""
+    global _SYNC_SAVE
+    if _SYNC_SAVE is None:
+        _SYNC_SAVE = _sync_save_strategy_class()
+    return _SYNC_SAVE()
+
+
+_SYNC_SAVE: type | None = None
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """dist_checkpointing needs a process group: a single process gets a one-rank gloo
+    group (an in-memory store, no port) for the duration."""
+    from parallel import cpu_compat
+
+    cpu_compat.install()  # megatron's checkpointing calls torch.cuda (a no-op with CUDA)
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _pause_for_tests(step: int, rank: int) -> None:
+    """The ``SEQBOAT_CHECKPOINT_PAUSE`` hook (see the module docstring)."""
+    spec = os.environ.get(PAUSE_ENV, "")
+    at, _, path = spec.partition(":")
+    if not path or int(at) != step:
+        return
+    release = Path(path)
+    Path(f"{path}.rank{rank}").write_text(str(os.getpid()))
+    while not release.exists():
+        time.sleep(0.05)
+
+
+# Files of a step written by one rank: its state file and dist_checkpointing's shard files.
+_OWNED = re.compile(r"(?:^|/)(?:rank_(\d+)\.pt|__(\d+)_\d+\.distcp)$")
+
+
+def _hash_own_files(ckpt: Path, rank: int) -> dict[str, str]:
+    """sha256 of the files this rank wrote (rank 0: also the shared ones), by relative path."""
+    out = {}
+    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        rel = path.relative_to(ckpt).as_posix()
+        if rel == META:
+            continue
+        match = _OWNED.search(rel)
+        owner = int(match.group(1) or match.group(2)) if match else 0
+        if owner == rank:
+            out[rel] = _sha256(path)
+    return out
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with ``meta.json``), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    dirs = [
+        p for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
+        and (p / META).is_file()
+    ]  # fmt: skip
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Deletes the ``step_X.tmp`` folders of saves that were killed; returns them. Only
+    while no save runs (rank 0, before training)."""
+    root = checkpoint_dir(run_dir)
+    partial = sorted(root.glob("step_*.tmp")) if root.is_dir() else []
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
+def load_latest(
+    run_dir: Path, layout: Layout | None = None, template: Template | None = None
+) -> tuple[dict[str, Any], Path] | None:
     """This rank's state in the newest checkpoint every rank can use, or None if none exists.
 
-    Starts from the ``latest`` pointer; a checkpoint whose file fails its checksum or does
-    not load on any rank is reported and the previous complete one is tried (all ranks
-    agree on the choice). Collective when a process group is initialized. A checkpoint of
-    another data-parallel size loads too (the data-parallel replicas hold the same model
-    and optimizer state, and the data order is global): ``state["elastic"]`` is then True.
+    Starts from the ``latest`` pointer; a checkpoint with a file that fails its checksum or
+    does not load is reported and the previous complete one is tried (all ranks agree on
+    the choice). Collective when a process group is initialized. With a ``template``, the
+    sharded tensors are loaded too (``state["sharded"]``), resharded to this run's split.
+    A checkpoint of another tensor/context/data-parallel layout loads: ``state["elastic"]``
+    is then True (the per-rank state, e.g. RNG streams, is not this rank's own).
     """
     rank, _ = _rank_and_world()
-    layout = layout or Layout()
     candidates = complete_checkpoints(run_dir)
     pointer = checkpoint_dir(run_dir) / LATEST
     if pointer.is_file():
         named = pointer.read_text().strip()
         candidates = [p for p in candidates if p.name <= named]
-    errors = []
+    errors: list[str] = []
     for ckpt in reversed(candidates):
         state, error = None, None
         try:
-            state = load_checkpoint(ckpt, layout)
+            state = load_checkpoint(ckpt, layout, template)
         except CheckpointError as e:
             error = str(e)
-        failures = [e for e in _gather(error) if e is not None]
+        failures = list(dict.fromkeys(e for e in _gather(error) if e is not None))
         if not failures:
             return state, ckpt
         errors.extend(failures)
@@ -159,33 +305,77 @@ def load_latest(run_dir: Path, layout: Layout | None = None) -> tuple[dict[str, 
     return None
 
 
-def load_checkpoint(ckpt: Path, layout: Layout | None = None) -> dict[str, Any]:
-    """The state this rank resumes from: its own file, or, when the data-parallel size
-    changed, the file of the same tensor/context coordinates on a surviving replica."""
+def load_checkpoint(
+    ckpt: Path, layout: Layout | None = None, template: Template | None = None
+) -> dict[str, Any]:
+    """The state this rank resumes from: its own file when the layout is the one saved,
+    else rank 0's (the per-rank state is then not this rank's: ``elastic``); with a
+    ``template``, plus the sharded tensors under ``"sharded"``. Every file's checksum is
+    verified first. Collective: the ranks agree on any failure before loading shards."""
+    rank, world_size = _rank_and_world()
     layout = layout or Layout()
     meta = read_meta(ckpt)
-    saved = meta.get("layout") or {"tp_size": 1, "cp_size": 1, "dp_size": meta["world_size"]}
-    if (saved["tp_size"], saved["cp_size"]) != (layout.tp_size, layout.cp_size):
-        raise CheckpointError(
-            f"{ckpt} was written with tensor x context sizes {saved['tp_size']} x "
-            f"{saved['cp_size']} and this run has {layout.tp_size} x {layout.cp_size}; "
-            "resharding the model across those is not implemented yet"
-        )
-    dp = min(layout.dp_rank, saved["dp_size"] - 1)
-    source = layout.tp_rank + layout.tp_size * (layout.cp_rank + layout.cp_size * dp)
-    state = load_rank_file(ckpt, source, meta)
-    state["elastic"] = saved["dp_size"] != layout.dp_size
+    _agree(lambda: verify_files(ckpt, meta, rank, world_size))
+    same = meta["layout"] == layout.sizes() and meta["world_size"] == world_size
+    source = rank if same else 0
+    state = _agree(lambda: load_rank_file(ckpt, source, meta))
+    state["elastic"] = not same
+    state["saved_layout"] = meta["layout"]
+    if template is not None:
+        if not meta.get("sharded"):
+            raise CheckpointError(f"{ckpt / META}: the checkpoint holds no sharded state")
+        state["sharded"] = load_sharded(ckpt / SHARDED, template(state))
     return state
 
 
+def load_sharded(folder: Path, sharded: dict[str, Any]) -> dict[str, Any]:
+    """Loads ``sharded`` (a megatron-core sharded state dict) from ``folder``: this rank's
+    pieces of the whole tensors, whatever the split they were saved with."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        with _process_group():
+            return dist_checkpointing.load(sharded, str(folder))
+    except Exception as e:  # checksums passed: a mismatch of keys or shapes
+        raise CheckpointError(f"{folder}: cannot be loaded ({e})") from None
+
+
+def _agree(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raised a CheckpointError on any, raises on all (so no
+    rank enters a collective load the others left)."""
+    result, error = None, None
+    try:
+        result = fn()
+    except CheckpointError as e:
+        error = str(e)
+    failures = list(dict.fromkeys(e for e in _gather(error) if e is not None))
+    if failures:
+        raise CheckpointError("; ".join(failures))
+    return result
+
+
+def verify_files(ckpt: Path, meta: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
+    """Checks this rank's share of the checkpoint's files (every ``world_size``-th, all on
+    one process) against ``meta.json``; raises naming the first bad file."""
+    for name in sorted(meta["sha256"])[rank::world_size]:
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if _sha256(path) != meta["sha256"][name]:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt)")
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    meta_path = ckpt / "meta.json"
+    meta_path = ckpt / META
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
     if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}")
+        raise CheckpointError(
+            f"{meta_path}: checkpoint format {meta.get('format')!r}, this version reads "
+            f"{FORMAT_VERSION} (sharded checkpoints)"
+        )
     return meta
 
 

@@ -25,6 +25,15 @@ from data.loader import PretrainLoader, validation_samples
 from data.tokenizer import Tokenizer
 from parallel.context import SINGLE_CONTEXT, ContextParallel
 from parallel.data_parallel import average, average_gradients, data_parallel_group
+from parallel.sharding import (
+    Place,
+    load_model,
+    load_optimizer,
+    model_sharded_state_dict,
+    optimizer_record,
+    optimizer_sharded_state_dict,
+    spread_writes,
+)
 from parallel.tensor import (
     SINGLE,
     TensorParallel,
@@ -35,7 +44,7 @@ from parallel.tensor import (
 )
 from parallel.topology import Topology
 from pretrain.build import model_for, optimizer_for, scheduler_for, select_device, tokenizer_for
-from pretrain.checkpoint import Layout, load_latest, save_checkpoint
+from pretrain.checkpoint import Layout, load_latest, remove_partial, save_checkpoint
 from pretrain.config import Config, ConfigError, parse_yaml, save_config
 from pretrain.evaluate import autocast_for, evaluate
 from pretrain.flops import training_flops_per_token
@@ -161,13 +170,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, saved)
         self._barrier()
-        loaded = load_latest(self.run_dir, self.layout())
+        if self.main:
+            remove_partial(self.run_dir)  # a killed save's step_X.tmp
+        loaded = load_latest(self.run_dir, self.layout(), self._sharded_template)
         if loaded is None:
             self.run_id = _broadcast_object(new_run_id() if self.main else None, self.distributed)
             return
         state, path = loaded
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_model(self.model, state["sharded"])
+        load_optimizer(self.optimizer, self.model, state["optimizer"], state["sharded"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
         if not state["elastic"]:  # else this rank's dropout stream is new: seeded in __init__
@@ -177,13 +188,14 @@ class Trainer:
         self.run_id = str(state["train"]["run_id"])
         self.restarts = int(state["train"].get("restarts", 0)) + 1
         if self.main:
-            how = " on a different data-parallel size" if state["elastic"] else ""
+            how = _layout_change(state["saved_layout"], self.layout().sizes())
             print(f"seqboat: resuming {self.run_dir} from {path.name}{how}", file=sys.stderr)
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's checkpoint file: everything but the model and optimizer tensors
+        (``sharded_state_dict``)."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_record(self.optimizer, self.model),
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "rng": _rng_state(self.tp),
@@ -193,7 +205,6 @@ class Trainer:
                 "run_id": self.run_id,
                 "restarts": self.restarts,
             },
-            # How this rank's model shard fits the whole (merged by ``load_trained``).
             "layout": {
                 "tp_rank": self.tp.rank,
                 "tp_size": self.tp.size,
@@ -203,6 +214,30 @@ class Trainer:
                 "dp_size": self.topo.dp_size,
                 "split": split_layout(self.model),
             },
+        }
+
+    def place(self) -> Place:
+        """This rank's place for the sharded model and optimizer: its tensor-parallel shard,
+        and which of the data x context copies it is."""
+        replica = self.topo.dp_rank * self.cp.size + self.cp.rank
+        return Place(self.tp.rank, self.tp.size, replica, self.dp_cp_size)
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """The model and optimizer tensors as megatron-core sharded tensors, the writing
+        shared out over the data/context-parallel copies."""
+        place = self.place()
+        sharded = {
+            **model_sharded_state_dict(self.model, place),
+            **optimizer_sharded_state_dict(self.optimizer, self.model, place),
+        }
+        return spread_writes(sharded, place)
+
+    def _sharded_template(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Tensors to load a checkpoint into, from its (rank) file's optimizer record."""
+        place = self.place()
+        return {
+            **model_sharded_state_dict(self.model, place, template=True),
+            **optimizer_sharded_state_dict(self.optimizer, self.model, place, state["optimizer"]),
         }
 
     def layout(self) -> Layout:
@@ -216,7 +251,7 @@ class Trainer:
         start = time.perf_counter()
         save_checkpoint(
             self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last,
-            self.layout(),
+            self.layout(), self.sharded_state_dict(),
         )  # fmt: skip
         return time.perf_counter() - start
 
@@ -448,6 +483,19 @@ def _layer_metrics(stats: list[LayerStats] | None) -> dict[str, float]:
                 s.imbalance
             )
     return out
+
+
+def _layout_change(saved: dict[str, int], now: dict[str, int]) -> str:
+    """How the split changed since the checkpoint, for the resume message ("" if not)."""
+    if saved == now:
+        return ""
+    if (saved["tp_size"], saved["cp_size"]) == (now["tp_size"], now["cp_size"]):
+        return " on a different data-parallel size"
+
+    def sizes(d: dict[str, int]) -> str:
+        return f"{d['tp_size']}x{d['cp_size']}x{d['dp_size']}"
+
+    return f" resharded (tensor x context x data {sizes(saved)} -> {sizes(now)})"
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
