@@ -89,3 +89,34 @@ def _route_rng_tracker_to_cpu() -> None:
 
 def _seed_cpu_generator(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+class _CpuAllocations:
+    """Stands in for the ``torch`` module inside megatron-core's pipeline schedules: every
+    attribute is torch's, except ``zeros``, whose hard-coded ``device="cuda"`` (a token
+    counter) becomes the CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+_SCHEDULES_ROUTED = False
+
+
+def route_schedules_to_cpu() -> None:
+    """Idempotent; a no-op when CUDA is available. Imports megatron-core's schedules (slow),
+    so it is called by the pipeline code, not by ``install``."""
+    global _SCHEDULES_ROUTED
+    if _SCHEDULES_ROUTED or torch.cuda.is_available():
+        return
+    install()
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuAllocations()
+    _SCHEDULES_ROUTED = True

@@ -2,6 +2,11 @@
 
 Activations are sequence-major [L, B, D] as in megatron-core; the public entry points take
 and return batch-major token tensors [B, L] like every data loader.
+
+A pipeline stage (``stage``, parallel/pipeline.py) is the same model holding only its part:
+the embedding on the first stage, the layers of its range keyed by their global index, the
+final norm and head on the last stage (with a tied head, a copy of the embedding weight).
+Its ``state_dict`` keys are the full model's for the parameters it holds.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from torch import Tensor, nn
 
 from parallel.context import ContextParallel
 from parallel.layout import mark_replicated, mark_sequence_parallel, mark_tensor_parallel
+from parallel.pipeline import Stage
 from parallel.tensor import (
     SINGLE,
     SplitDropout,
@@ -36,7 +42,9 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 class LanguageModel(nn.Module):
     """With ``tp`` (tensor parallel, size > 1) the embedding and head are vocab-parallel and
     ``forward`` returns this rank's vocabulary slice of the logits. With ``cp`` (context
-    parallel) the tokens given are this rank's chunk of each sequence."""
+    parallel) the tokens given are this rank's chunk of each sequence. With ``stage`` (a
+    pipeline stage) a stage other than the first takes its input from ``set_input_tensor``,
+    and a stage other than the last returns its hidden state instead of logits."""
 
     def __init__(
         self,
@@ -44,6 +52,7 @@ class LanguageModel(nn.Module):
         vocab_size: int,
         tp: TensorParallel | None = None,
         cp: ContextParallel | None = None,
+        stage: Stage | None = None,
     ) -> None:
         super().__init__()
         tp = tp or SINGLE
@@ -51,53 +60,104 @@ class LanguageModel(nn.Module):
             raise ValueError("model parallelism is implemented for the SeqBoat architecture")
         self.cfg = cfg
         self.tp = tp
+        self.stage = stage or Stage.whole(cfg.layers)
+        if self.stage.layers.stop > cfg.layers or self.stage.layers.start < 0:
+            raise ValueError(f"stage layers {self.stage.layers} outside 0..{cfg.layers - 1}")
+        first, last = self.stage.first, self.stage.last
+        self.input_tensor: Tensor | None = None  # a later stage's input (set_input_tensor)
         self.vocab_size = vocab_size
         self.padded_vocab = padded_vocab_size(vocab_size, cfg.vocab_multiple)
         d = cfg.width
-        self.embedding = vocab_embedding(self.padded_vocab, d, tp)
+        # The last stage of a tied model holds a copy of the embedding weight for the head.
+        holds_embedding = first or (last and cfg.tie_embeddings)
+        self.embedding = vocab_embedding(self.padded_vocab, d, tp) if holds_embedding else None
         self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
         self.embedding_dropout = SplitDropout(
             cfg.embedding_dropout, tp if tp.sequence_parallel else None
         )
-        if cfg.arch == "seqboat":
-            self.layers = nn.ModuleList(SeqBoatLayer(cfg, tp, cp) for _ in range(cfg.layers))
-        else:
-            self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
-        # Pre-norm stacks end with a norm (SEQBOAT.md §9.1); post-norm layers end normalised.
-        self.final_norm = (
-            make_norm(cfg.norm, d, affine=cfg.final_norm_affine) if cfg.prenorm else nn.Identity()
+        layers = [self._make_layer(cp) for _ in self.stage.layers]
+        # A stage keys its layers by global index: the same state_dict keys as the full model.
+        self.layers = (
+            nn.ModuleList(layers)
+            if first and last
+            else nn.ModuleDict(
+                {str(i): layer for i, layer in zip(self.stage.layers, layers, strict=True)}
+            )
         )
+        # Pre-norm stacks end with a norm (SEQBOAT.md §9.1); post-norm layers end normalised.
+        self.final_norm = self._make_final_norm() if last else None
         self.head = (
-            None if cfg.tie_embeddings else column_linear(d, self.padded_vocab, tp, bias=False)
+            None
+            if cfg.tie_embeddings or not last
+            else column_linear(d, self.padded_vocab, tp, bias=False)
         )
         # Vocab-parallel under tensor parallelism: split along the vocabulary.
-        mark_tensor_parallel(self.embedding.weight, dim=0)
+        if self.embedding is not None:
+            mark_tensor_parallel(self.embedding.weight, dim=0)
         if self.head is not None:
             mark_tensor_parallel(self.head.weight, dim=0)
-        for p in self.final_norm.parameters():
-            mark_replicated(p)
-        if tp.sequence_parallel:
-            mark_sequence_parallel(self.final_norm)
+        if self.final_norm is not None:
+            for p in self.final_norm.parameters():
+                mark_replicated(p)
+            if tp.sequence_parallel:
+                mark_sequence_parallel(self.final_norm)
         self.reset_embedding()
+
+    def _make_final_norm(self) -> nn.Module:
+        cfg = self.cfg
+        if cfg.prenorm:
+            return make_norm(cfg.norm, cfg.width, affine=cfg.final_norm_affine)
+        return nn.Identity()
+
+    def _make_layer(self, cp: ContextParallel | None) -> nn.Module:
+        if self.cfg.arch == "seqboat":
+            return SeqBoatLayer(self.cfg, self.tp, cp)
+        return TransformerLayer(self.cfg)
+
+    def stack(self) -> list[nn.Module]:
+        """This model's layers in order (a stage's ModuleDict iterates over keys)."""
+        if isinstance(self.layers, nn.ModuleDict):
+            return list(self.layers.values())
+        return list(self.layers)
+
+    def set_input_tensor(self, tensor: Tensor | list[Tensor | None] | None) -> None:
+        """The previous stage's output for the next forward (megatron-core's schedules pass
+        a one-element list; the first stage gets None and embeds its tokens)."""
+        if isinstance(tensor, list):
+            tensor = tensor[0]
+        self.input_tensor = tensor
 
     @torch.no_grad()
     def reset_embedding(self) -> None:
-        nn.init.normal_(self.embedding.weight, std=self.cfg.width**-0.5)
+        if self.embedding is not None:
+            nn.init.normal_(self.embedding.weight, std=self.cfg.width**-0.5)
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=self.cfg.width**-0.5)
 
     def forward(
         self, tokens: Tensor, collect_stats: bool = False
     ) -> tuple[Tensor, list[LayerStats] | None]:
-        """tokens: [B, L] -> (logits [L, B, padded vocab (/tp)], per-layer stats or None)."""
-        x = embed(self.embedding, tokens, self.tp) * self.embed_scale
-        x = self.embedding_dropout(x)
+        """tokens: [B, L] -> (logits [L, B, padded vocab (/tp)], per-layer stats or None).
+
+        A pipeline stage other than the first ignores ``tokens`` and starts from the tensor
+        given to ``set_input_tensor``; one other than the last returns its hidden state
+        [L(/tp), B, D] instead of logits."""
+        if self.stage.first:
+            x = embed(self.embedding, tokens, self.tp) * self.embed_scale
+            x = self.embedding_dropout(x)
+        elif self.input_tensor is None:
+            raise RuntimeError("a later pipeline stage needs set_input_tensor before forward")
+        else:
+            x = self.input_tensor
         stats: list[LayerStats] = []
-        for layer in self.layers:
+        for layer in self.stack():
             x, layer_stats = layer(x, collect_stats)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        return self.logits(self.final_norm(x)), (stats if collect_stats else None)
+        stats_out = stats if collect_stats else None
+        if not self.stage.last:
+            return x, stats_out
+        return self.logits(self.final_norm(x)), stats_out
 
     def logits(self, h: Tensor) -> Tensor:
         weight = self.embedding.weight if self.head is None else self.head.weight
@@ -116,3 +176,18 @@ class LanguageModel(nn.Module):
         """tokens: [B, L+1] -> (mean loss over all tokens, stats)."""
         losses, stats = self.token_losses(tokens, collect_stats)
         return losses.mean(), stats
+
+    def pipeline_forward(self, tokens: Tensor) -> Tensor:
+        """A pipeline stage's output for megatron-core's schedules: the mean loss of the
+        micro-batch ``tokens`` [B, L+1] on the last stage, the hidden state elsewhere."""
+        if self.stage.last:
+            return self.loss(tokens)[0]
+        return self(tokens[:, :-1])[0]
+
+    def tied_weights(self) -> list[nn.Parameter]:
+        """The embedding weight where a tied head makes it shared between the first and the
+        last stage (for parallel/pipeline.py ``sync_tied_grads``); else empty."""
+        whole = self.stage.first and self.stage.last
+        if not self.cfg.tie_embeddings or self.embedding is None or whole:
+            return []
+        return [self.embedding.weight]
