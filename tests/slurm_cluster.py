@@ -128,12 +128,14 @@ class SlurmCluster:
                                    + self.logs())  # fmt: skip
             time.sleep(every_s)
 
-    def wait_job(self, job_id: str, states: set[str], timeout_s: float) -> dict[str, str]:
+    def wait_job(
+        self, job_id: str, states: set[str], timeout_s: float, every_s: float = 0.25
+    ) -> dict[str, str]:
         def reached() -> dict[str, str] | None:
             fields = self.job(job_id)
             return fields if fields.get("JobState") in states else None
 
-        return self.wait(f"job {job_id} to reach {sorted(states)}", reached, timeout_s)
+        return self.wait(f"job {job_id} to reach {sorted(states)}", reached, timeout_s, every_s)
 
     def _check_daemons(self) -> None:
         for name, proc in self.procs.items():
