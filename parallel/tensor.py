@@ -330,9 +330,14 @@ def sync_partial_grads(model: nn.Module, tp: TensorParallel) -> None:
     all_reduce_coalesced(grads, tp.group())
 
 
-def grad_norm_squared(params: list[nn.Parameter], tp: TensorParallel) -> Tensor:
+def grad_norm_squared(
+    params: list[nn.Parameter],
+    tp: TensorParallel,
+    pipeline_group: dist.ProcessGroup | None = None,
+) -> Tensor:
     """Sum of squared gradient entries over the whole (unsplit) model: split parameters
-    count on every rank, replicated ones once."""
+    count on every rank, replicated ones once; with ``pipeline_group``, summed over the
+    stages too (``params`` then leaves out the copies a stage holds of another's weight)."""
     grads = [p.grad for p in params if p.grad is not None and (is_split(p) or tp.rank == 0)]
     device = grads[0].device if grads else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -340,6 +345,8 @@ def grad_norm_squared(params: list[nn.Parameter], tp: TensorParallel) -> Tensor:
         total += g.detach().double().pow(2).sum()
     if tp.active:
         dist.all_reduce(total, group=tp.group())
+    if pipeline_group is not None:
+        dist.all_reduce(total, group=pipeline_group)
     return total
 
 
@@ -375,10 +382,22 @@ def merge_shards(shards: list[dict[str, Tensor]], layout: dict[str, int]) -> dic
     return merged
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float, tp: TensorParallel) -> float:
+def clip_gradients(
+    params: list[nn.Parameter],
+    max_norm: float,
+    tp: TensorParallel,
+    pipeline_group: dist.ProcessGroup | None = None,
+    uncounted: list[nn.Parameter] | None = None,
+) -> float:
     """Scales gradients so that the whole model's gradient norm is at most ``max_norm``
-    (0 = no clipping); returns the norm before clipping (inf/nan if non-finite)."""
-    norm = float(grad_norm_squared(params, tp).sqrt())
+    (0 = no clipping); returns the norm before clipping (inf/nan if non-finite).
+
+    Under pipeline parallelism pass the pipeline group, and in ``uncounted`` the copies of
+    a weight another stage owns (a tied head's embedding on the last stage): they are
+    scaled like the rest but counted once, by their owner."""
+    skip = {id(p) for p in uncounted or []}
+    counted = [p for p in params if id(p) not in skip]
+    norm = float(grad_norm_squared(counted, tp, pipeline_group).sqrt())
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
         for p in params:

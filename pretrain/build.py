@@ -11,6 +11,7 @@ from torch import nn
 
 from data.tokenizer import Tokenizer, build_tokenizer
 from parallel.context import SINGLE_CONTEXT, ContextParallel
+from parallel.pipeline import PipelinePlace
 from parallel.sharding import Place, load_model, model_sharded_state_dict
 from parallel.tensor import SINGLE, TensorParallel, shard_state_dict
 from pretrain.checkpoint import (
@@ -51,12 +52,31 @@ def model_for(
     Under model parallelism every rank builds the single-process model from the same seed
     and keeps its shard, so a parallel run starts from exactly the weights of one process.
     """
+    return model_chunks_for(cfg, vocab_size, device, tp, cp)[0]
+
+
+def model_chunks_for(
+    cfg: Config,
+    vocab_size: int,
+    device: torch.device,
+    tp: TensorParallel = SINGLE,
+    cp: ContextParallel = SINGLE_CONTEXT,
+    place: PipelinePlace | None = None,
+) -> list[LanguageModel]:
+    """This rank's model chunks: one per stage of ``place`` (pipeline parallelism; several
+    with virtual stages), else the one model. Each holds its shard of the single-process
+    model built from the seed, keyed like it (``shard_state_dict`` takes the keys it has)."""
     model = LanguageModel(cfg.model, vocab_size)
-    if tp.active or cp.active:
+    pipelined = place is not None and place.active
+    if tp.active or cp.active or pipelined:
         full = model.state_dict()
-        model = LanguageModel(cfg.model, vocab_size, tp, cp)
-        model.load_state_dict(shard_state_dict(full, model, tp))
-    return model.to(device=device, dtype=DTYPES[cfg.train.precision])
+        stages = place.stages if pipelined else [None]
+        chunks = [LanguageModel(cfg.model, vocab_size, tp, cp, stage) for stage in stages]
+        for chunk in chunks:
+            chunk.load_state_dict(shard_state_dict(full, chunk, tp))
+    else:
+        chunks = [model]
+    return [c.to(device=device, dtype=DTYPES[cfg.train.precision]) for c in chunks]
 
 
 def optimizer_for(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -72,7 +72,7 @@ def rank_file(rank: int) -> str:
 @dataclass(frozen=True)
 class Layout:
     """How a run is split: this rank's coordinates and the sizes (megatron-core's rank order
-    tp-cp-dp, so global rank = tp + tp_size * (cp + cp_size * dp))."""
+    tp-cp-dp-pp, so global rank = tp + tp_size * (cp + cp_size * (dp + dp_size * pp)))."""
 
     tp_rank: int = 0
     tp_size: int = 1
@@ -80,9 +80,14 @@ class Layout:
     cp_size: int = 1
     dp_rank: int = 0
     dp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
 
     def sizes(self) -> dict[str, int]:
-        return {"tp_size": self.tp_size, "cp_size": self.cp_size, "dp_size": self.dp_size}
+        return {
+            "tp_size": self.tp_size, "cp_size": self.cp_size, "dp_size": self.dp_size,
+            "pp_size": self.pp_size,
+        }  # fmt: skip
 
 
 def save_checkpoint(

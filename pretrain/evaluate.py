@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from parallel.context import SINGLE_CONTEXT, ContextParallel
+from parallel.pipeline import PipelinePlace, broadcast_loss, pipeline_step
 from pretrain.model.lm import LanguageModel
 
 
@@ -45,6 +47,61 @@ def evaluate(
         tokens += batch[:, 1:].numel()
         nbytes += int(token_bytes[batch[:, 1:].cpu()].sum())
     model.train(was_training)
+    return _metrics(nats, tokens, nbytes, dp_group, device)
+
+
+@torch.no_grad()
+def evaluate_pipeline(
+    chunks: list[LanguageModel],
+    place: PipelinePlace,
+    samples: Tensor,
+    token_bytes: Tensor,
+    micro_batch_size: int,
+    precision: str = "fp32",
+    dp_group: dist.ProcessGroup | None = None,
+    cp: ContextParallel = SINGLE_CONTEXT,
+    sequence_parallel: bool = False,
+) -> dict[str, float]:
+    """``evaluate`` for a pipeline-parallel model: a forward-only schedule over equal
+    micro-batches (the last stage's mean loss, shared with every stage)."""
+    device = next(chunks[0].parameters()).device
+    size = micro_batch_size if len(samples) % micro_batch_size == 0 else 1
+    batches = [cp.chunk(b).to(device) for b in samples.split(size)]
+    was_training = chunks[0].training
+    for chunk in chunks:
+        chunk.eval()
+    dtype = next(chunks[0].parameters()).dtype
+    with autocast_for(precision, device):
+        mean = pipeline_step(
+            chunks, place, batches, stage_forward(dtype), seq_length=samples.shape[1] - 1,
+            micro_batch_size=size, hidden_size=chunks[0].cfg.width, dtype=dtype,
+            sequence_parallel=sequence_parallel, forward_only=True,
+        )  # fmt: skip
+    for chunk in chunks:
+        chunk.train(was_training)
+    tokens = sum(b[:, 1:].numel() for b in batches)
+    nats = float(broadcast_loss(mean, place, device)) * tokens
+    nbytes = sum(int(token_bytes[b[:, 1:].cpu()].sum()) for b in batches)
+    return _metrics(nats, tokens, nbytes, dp_group, device)
+
+
+def stage_forward(dtype: torch.dtype) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The ``step_fn`` of ``pipeline_step``: a chunk's loss on the last stage, else its
+    activation in ``dtype`` (the master dtype: under bf16 autocast a stage's output dtype
+    depends on its last op, and the next stage's receive buffer must know it beforehand)."""
+
+    def run(chunk: nn.Module, micro_batch: Tensor) -> Tensor:
+        out = chunk.pipeline_forward(micro_batch)
+        return out if chunk.stage.last else out.to(dtype)
+
+    return run
+
+
+def _metrics(
+    nats: float, tokens: int, nbytes: int, dp_group: dist.ProcessGroup | None, device: torch.device
+) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of summed nats over summed tokens and bytes
+    (summed over ``dp_group``)."""
     if dp_group is not None:
         totals = torch.tensor([nats, tokens, nbytes], dtype=torch.float64, device=device)
         dist.all_reduce(totals, group=dp_group)

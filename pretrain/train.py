@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from data.loader import PretrainLoader, validation_samples
 from data.tokenizer import Tokenizer
 from parallel.context import SINGLE_CONTEXT, ContextParallel
 from parallel.data_parallel import average, average_gradients, data_parallel_group
+from parallel.pipeline import PipelinePlace, broadcast_loss, pipeline_step, sync_tied_grads
 from parallel.sharding import (
     Place,
     load_model,
@@ -43,13 +45,21 @@ from parallel.tensor import (
     sync_partial_grads,
 )
 from parallel.topology import Topology
-from pretrain.build import model_for, optimizer_for, scheduler_for, select_device, tokenizer_for
+from pretrain.build import (
+    model_chunks_for,
+    model_for,
+    optimizer_for,
+    scheduler_for,
+    select_device,
+    tokenizer_for,
+)
 from pretrain.checkpoint import Layout, load_latest, remove_partial, save_checkpoint
 from pretrain.config import Config, ConfigError, parse_yaml, save_config
-from pretrain.evaluate import autocast_for, evaluate
+from pretrain.evaluate import autocast_for, evaluate, evaluate_pipeline, stage_forward
 from pretrain.flops import training_flops_per_token
 from pretrain.model.decode import generate
 from pretrain.model.layer import LayerStats
+from pretrain.model.lm import StageChunks
 from pretrain.monitor import Monitor, new_run_id
 from pretrain.plot import save_heatmap
 
@@ -118,10 +128,15 @@ class Trainer:
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp_size})"
             )
+        self.pipeline = self._pipeline_place()
         self.device = self.topo.device if self.distributed else select_device(cfg)
         _seed_everything(t.seed)  # the same on every rank: the same initial weights
         self.tokenizer = self._tokenizer()
-        self.model = model_for(cfg, self.tokenizer.vocab_size, self.device, self.tp, self.cp)
+        # One chunk per (virtual) pipeline stage this rank runs; ``model`` names them all.
+        self.chunks = model_chunks_for(
+            cfg, self.tokenizer.vocab_size, self.device, self.tp, self.cp, self.pipeline
+        )
+        self.model = self.chunks[0] if len(self.chunks) == 1 else StageChunks(self.chunks)
         # Dropout streams: one per (data, context) rank, i.e. per slice of tokens, shared by
         # the tensor-parallel ranks (replicated regions agree); megatron-core's tracker adds
         # one per tensor-parallel rank for the split regions.
@@ -146,6 +161,21 @@ class Trainer:
         self.run_id = ""
         self._stop_requested = False
         self._resume()
+
+    def _pipeline_place(self) -> PipelinePlace:
+        p, t = self.cfg.parallel, self.cfg.train
+        if self.topo.sizes.pipeline == 1:
+            return PipelinePlace.build(self.cfg.model.layers, 1, 0)
+        micro_batches = t.global_batch_size // (t.micro_batch_size * self.topo.dp_size)
+        if p.virtual_stages > 1 and micro_batches % self.topo.sizes.pipeline:
+            raise ConfigError(
+                f"the interleaved pipeline needs micro-batches per step ({micro_batches} = "
+                "train.global_batch_size / (micro_batch_size x data-parallel size)) to be a "
+                f"multiple of parallel.pipeline ({self.topo.sizes.pipeline})"
+            )
+        return PipelinePlace.from_parallel_state(
+            self.cfg.model.layers, p.virtual_stages, p.stage_layers
+        )
 
     def _tokenizer(self) -> Tokenizer:
         """Rank 0 trains a missing tokenizer; the others wait and load it."""
@@ -195,7 +225,7 @@ class Trainer:
         """This rank's checkpoint file: everything but the model and optimizer tensors
         (``sharded_state_dict``)."""
         return {
-            "optimizer": optimizer_record(self.optimizer, self.model),
+            "optimizer": self._optimizer_record(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "rng": _rng_state(self.tp),
@@ -212,15 +242,31 @@ class Trainer:
                 "cp_size": self.cp.size,
                 "dp_rank": self.topo.dp_rank,
                 "dp_size": self.topo.dp_size,
+                "pp_rank": self.pipeline.rank,
+                "pp_size": self.pipeline.size,
                 "split": split_layout(self.model),
             },
         }
 
+    def _optimizer_record(self) -> dict[str, Any]:
+        """The optimizer record, covering every pipeline stage's parameters (a run resumed
+        on another layout reads one rank's file)."""
+        record = optimizer_record(self.optimizer, self.model)
+        for key in ("shapes", "scalars"):
+            record[key] = self._gather_stages(record[key])
+        return record
+
     def place(self) -> Place:
         """This rank's place for the sharded model and optimizer: its tensor-parallel shard,
-        and which of the data x context copies it is."""
+        which of the data x context copies it is, and, under pipeline parallelism, which
+        keys are copies of another stage's (a tied head's embedding on the last stage)."""
         replica = self.topo.dp_rank * self.cp.size + self.cp.rank
-        return Place(self.tp.rank, self.tp.size, replica, self.dp_cp_size)
+        owns_embedding = self.pipeline.is_first
+
+        def owner(key: str) -> int:
+            return int(key == "embedding.weight" and not owns_embedding)
+
+        return Place(self.tp.rank, self.tp.size, replica, self.dp_cp_size, owner)
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """The model and optimizer tensors as megatron-core sharded tensors, the writing
@@ -243,7 +289,7 @@ class Trainer:
     def layout(self) -> Layout:
         return Layout(
             self.tp.rank, self.tp.size, self.cp.rank, self.cp.size,
-            self.topo.dp_rank, self.topo.dp_size,
+            self.topo.dp_rank, self.topo.dp_size, self.pipeline.rank, self.pipeline.size,
         )  # fmt: skip
 
     def save(self) -> float:
@@ -373,27 +419,23 @@ class Trainer:
 
     def _train_step(self, collect_stats: bool) -> tuple[float, float, list[LayerStats] | None]:
         t = self.cfg.train
-        batch = next(self.loader)
-        micro_batches = batch.split(t.micro_batch_size)
-        total = 0.0
-        stats = None
+        micro_batches = next(self.loader).split(t.micro_batch_size)
         self.model.train()
-        for i, micro in enumerate(micro_batches):
-            with autocast_for(t.precision, self.device):
-                loss, micro_stats = self.model.loss(
-                    self.cp.chunk(micro).to(self.device), collect_stats and i == 0
-                )
-            (loss / len(micro_batches)).backward()
-            total += loss.detach().double() / len(micro_batches)
-            stats = stats or micro_stats
-        sync_partial_grads(self.model, self.tp)
+        if self.pipeline.active:
+            total, stats = self._pipeline_backward(micro_batches), None
+        else:
+            total, stats = self._backward(micro_batches, collect_stats)
+        for chunk in self.chunks:
+            sync_partial_grads(chunk, self.tp)
+        sync_tied_grads([w for c in self.chunks for w in c.tied_weights()], self.pipeline)
         if self.dp_group is not None:
             average_gradients(self.model, self.dp_group, self.dp_cp_size)
             total = average(total, self.dp_group, self.dp_cp_size)
         total = float(total)
         grad_norm = clip_gradients(
-            list(self.model.parameters()), self.cfg.optimizer.clip_grad, self.tp
-        )
+            list(self.model.parameters()), self.cfg.optimizer.clip_grad, self.tp,
+            self._pipeline_group(), self._tied_copies(),
+        )  # fmt: skip
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.optimizer.step()
         # A skipped step still consumes its batch and its place in the schedule.
@@ -401,20 +443,70 @@ class Trainer:
         self.scheduler.step()
         return total, grad_norm, stats
 
+    def _backward(
+        self, micro_batches: tuple[Tensor, ...], collect_stats: bool
+    ) -> tuple[Tensor, list[LayerStats] | None]:
+        """Gradient accumulation over the micro-batches; their mean loss (this rank's)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        stats = None
+        for i, micro in enumerate(micro_batches):
+            with autocast_for(self.cfg.train.precision, self.device):
+                loss, micro_stats = self.model.loss(
+                    self.cp.chunk(micro).to(self.device), collect_stats and i == 0
+                )
+            (loss / len(micro_batches)).backward()
+            total += loss.detach().double() / len(micro_batches)
+            stats = stats or micro_stats
+        return total, stats
+
+    def _pipeline_backward(self, micro_batches: tuple[Tensor, ...]) -> Tensor:
+        """One 1F1B (or interleaved) schedule over the micro-batches; their mean loss, from
+        the last stage. Per-layer statistics are not collected under a pipeline."""
+        t = self.cfg.train
+        dtype = next(self.model.parameters()).dtype
+        with autocast_for(t.precision, self.device):
+            loss = pipeline_step(
+                self.chunks, self.pipeline,
+                [self.cp.chunk(m).to(self.device) for m in micro_batches], stage_forward(dtype),
+                seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                hidden_size=self.cfg.model.width, dtype=dtype,
+                sequence_parallel=self.tp.sequence_parallel,
+            )  # fmt: skip
+        return broadcast_loss(loss, self.pipeline, self.device)
+
+    def _pipeline_group(self) -> dist.ProcessGroup | None:
+        if not self.pipeline.active:
+            return None
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    def _tied_copies(self) -> list[nn.Parameter]:
+        """Weights this rank holds a copy of for another stage (counted once in norms)."""
+        return [] if self.pipeline.is_first else [w for c in self.chunks for w in c.tied_weights()]
+
     def evaluate(self) -> dict[str, float]:
+        t = self.cfg.train
+        if self.pipeline.active:
+            return evaluate_pipeline(
+                self.chunks, self.pipeline, self.val_samples, self.token_bytes,
+                t.micro_batch_size, t.precision, self.dp_group, self.cp,
+                self.tp.sequence_parallel,
+            )  # fmt: skip
         return evaluate(
-            self.model, self.val_samples, self.token_bytes, self.cfg.train.micro_batch_size,
-            self.cfg.train.precision, self.dp_group, self.cp,
+            self.model, self.val_samples, self.token_bytes, t.micro_batch_size,
+            t.precision, self.dp_group, self.cp,
         )  # fmt: skip
 
     def sample(self, prompt_tokens: int = 16, new_tokens: int = 48) -> str:
         """A short generated continuation of the first validation text (by rank 0, from
         the whole model; empty on the other ranks)."""
         model = self.model
-        if self.tp.active or self.cp.active:  # decode on the whole single-process model
-            full = full_state_dict(self.model, self.tp)
+        if self.tp.active or self.cp.active or self.pipeline.active:
+            full = self._gather_stages(full_state_dict(self.model, self.tp))
             if not self.main:
                 return ""
+            # Decode on the whole single-process model.
             model = model_for(self.cfg, self.tokenizer.vocab_size, self.device)
             model.load_state_dict(full)
         if not self.main:
@@ -426,6 +518,18 @@ class Trainer:
             eos_id=self.tokenizer.eos_id,
         )  # fmt: skip
         return self.tokenizer.decode(prompt) + " >>> " + self.tokenizer.decode(out)
+
+    def _gather_stages(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The union of the pipeline stages' ``state`` dicts, keyed by global names (a tied
+        copy equals its original). Collective over the pipeline group."""
+        if not self.pipeline.active:
+            return state
+        from megatron.core import parallel_state
+
+        parts: list[Any] = [None] * self.pipeline.size
+        group = parallel_state.get_pipeline_model_parallel_group()
+        dist.all_gather_object(parts, state, group=group)
+        return {k: v for part in parts for k, v in part.items()}
 
     # ------------------------------------------------------------------ stop requests
 
@@ -489,13 +593,14 @@ def _layout_change(saved: dict[str, int], now: dict[str, int]) -> str:
     """How the split changed since the checkpoint, for the resume message ("" if not)."""
     if saved == now:
         return ""
-    if (saved["tp_size"], saved["cp_size"]) == (now["tp_size"], now["cp_size"]):
+    model_split = ("tp_size", "cp_size", "pp_size")
+    if all(saved.get(k, 1) == now[k] for k in model_split):
         return " on a different data-parallel size"
 
     def sizes(d: dict[str, int]) -> str:
-        return f"{d['tp_size']}x{d['cp_size']}x{d['dp_size']}"
+        return "x".join(str(d.get(k, 1)) for k in (*model_split, "dp_size"))
 
-    return f" resharded (tensor x context x data {sizes(saved)} -> {sizes(now)})"
+    return f" resharded (tensor x context x pipeline x data {sizes(saved)} -> {sizes(now)})"
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """`torchrun --nproc_per_node 4 -m pretrain train parallel.tensor=2 ...` (tensor 2 x data 2,
-or context 2 x tensor 2; gloo) follows the single-process loss curve of the same config."""
+context 2 x tensor 2, interleaved pipeline 2 x data 2; gloo) follows the single-process loss
+curve of the same config."""
 
 from __future__ import annotations
 
@@ -27,27 +28,31 @@ def train(tmp_path: Path, name: str, launcher: list[str], *extra: str) -> list[d
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("val loss") == 1  # one report, from rank 0
     if "resuming" in out.stderr and "elastic" in str(run_dir):
-        assert "on a different data-parallel size" in out.stderr
+        assert "resharded (tensor x context x pipeline x data 1x1x2x2 -> 1x1x1x1)" in out.stderr
     return read_metrics(run_dir / "metrics.jsonl")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "split",
+    ("split", "model"),
     [
-        ["parallel.tensor=2", "parallel.sequence_parallel=true"],  # TP 2 (+SP) x DP 2
-        ["parallel.context=2", "parallel.tensor=2"],  # CP 2 x TP 2
+        (["parallel.tensor=2", "parallel.sequence_parallel=true"], []),  # TP 2 (+SP) x DP 2
+        (["parallel.context=2", "parallel.tensor=2"], []),  # CP 2 x TP 2
+        # Interleaved 1F1B: PP 2 x 2 virtual stages (one layer each) x DP 2.
+        (["parallel.pipeline=2", "parallel.virtual_stages=2"], ["model.layers=4"]),
     ],
-    ids=["tp2-sp-dp2", "cp2-tp2"],
+    ids=["tp2-sp-dp2", "cp2-tp2", "pp2-vp2-dp2"],
 )
-def test_parallel_run_matches_one_process(tmp_path: Path, split: list[str]) -> None:
-    single = train(tmp_path, "single", [sys.executable])
+def test_parallel_run_matches_one_process(
+    tmp_path: Path, split: list[str], model: list[str]
+) -> None:
+    single = train(tmp_path, "single", [sys.executable], *model)
     (port,) = free_ports(1)
     torchrun = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
         "--master_addr", "127.0.0.1", "--master_port", str(port),
     ]  # fmt: skip
-    parallel = train(tmp_path, "parallel", torchrun, *split)
+    parallel = train(tmp_path, "parallel", torchrun, *split, *model)
     ckpt = tmp_path / "parallel" / "checkpoints" / "step_00000030"
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == [f"rank_0000{r}.pt" for r in range(4)]
 
@@ -67,17 +72,18 @@ def test_parallel_run_matches_one_process(tmp_path: Path, split: list[str]) -> N
 
 
 @pytest.mark.slow
-def test_resume_on_another_data_parallel_size(tmp_path: Path) -> None:
-    """10 steps on 2 data-parallel ranks, then 10 more on 1 process, follow 20 straight steps
-    on 1 process: the data order is global, and the replicas' state is the same."""
+def test_resume_on_another_layout(tmp_path: Path) -> None:
+    """10 steps on pipeline 2 x data 2, then 10 more on 1 process, follow 20 straight steps
+    on 1 process: the data order is global, and the checkpoint (model and Adam state, keyed
+    by global layer) reshards to one process."""
     constant = ["optimizer.decay=constant", "optimizer.warmup_steps=0", "checkpoint.interval=10"]
     straight = train(tmp_path, "straight", [sys.executable], "train.max_steps=20", *constant)
     (port,) = free_ports(1)
     torchrun = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
         "--master_addr", "127.0.0.1", "--master_port", str(port),
     ]  # fmt: skip
-    train(tmp_path, "elastic", torchrun, "train.max_steps=10", *constant)
+    train(tmp_path, "elastic", torchrun, "train.max_steps=10", "parallel.pipeline=2", *constant)
     resumed = train(tmp_path, "elastic", [sys.executable], "train.max_steps=20", *constant)
 
     def curve(records: list[dict]) -> dict[int, float]:

@@ -191,3 +191,33 @@ class LanguageModel(nn.Module):
         if not self.cfg.tie_embeddings or self.embedding is None or whole:
             return []
         return [self.embedding.weight]
+
+
+class StageChunks(nn.Module):
+    """One pipeline rank's model chunks (virtual stages) seen as one module named like the
+    full model: the chunks' embedding, layers (by global index), final norm and head are
+    registered here too (shared, not copied), so optimizers and checkpoints see the global
+    names. Not callable: the schedules run the chunks (``chunks``)."""
+
+    def __init__(self, chunks: list[LanguageModel]) -> None:
+        super().__init__()
+        self.chunks = tuple(chunks)  # a tuple: not registered twice under other names
+        self.cfg = chunks[0].cfg
+        self.padded_vocab = chunks[0].padded_vocab
+
+        def held(name: str) -> nn.Module | None:
+            return next((getattr(c, name) for c in chunks if getattr(c, name) is not None), None)
+
+        self.embedding = held("embedding")
+        self.layers = nn.ModuleDict(
+            {key: layer for c in chunks for key, layer in _keyed_layers(c).items()}
+        )
+        self.final_norm = held("final_norm")
+        self.head = held("head")
+
+    def forward(self, *args: object) -> None:
+        raise TypeError("StageChunks is a view for optimizers and checkpoints; run its chunks")
+
+
+def _keyed_layers(model: LanguageModel) -> dict[str, nn.Module]:
+    return {str(i): layer for i, layer in zip(model.stage.layers, model.stack(), strict=True)}
