@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "train":  # before the heavy imports below (see pretrain/stop.py)
+        from pretrain.stop import record_early_stops
+
+        record_early_stops()
     # Heavy imports after argument parsing: `seqboat --help` stays instant.
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
@@ -132,9 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """One process, or one rank of a torchrun / srun launch (the world comes from the
     launcher's environment)."""
     from parallel.topology import ParallelSizes, detect_world, init_distributed, shutdown
-    from pretrain.train import Preempted, Trainer, record_early_stops
+    from pretrain.train import Preempted, Trainer
 
-    record_early_stops()
     cfg = _config(args)
     world = detect_world()
     topology = None

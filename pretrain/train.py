@@ -62,6 +62,7 @@ from pretrain.model.layer import LayerStats
 from pretrain.model.lm import StageChunks
 from pretrain.monitor import Monitor, new_run_id
 from pretrain.plot import save_heatmap
+from pretrain.stop import early_stop_requested
 
 # Exit code of a run that saved a checkpoint because it was asked to stop (SIGUSR1 or
 # SIGTERM, e.g. Slurm preemption): a launcher reads it as "requeue me".
@@ -539,7 +540,7 @@ class Trainer:
             self._stop_requested = True
 
         # A request that came while the process was still starting (see record_early_stops).
-        self._stop_requested = self._stop_requested or _early_stop["requested"]
+        self._stop_requested = self._stop_requested or early_stop_requested()
 
         previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -553,21 +554,6 @@ class Trainer:
     def _restore_handlers(previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-_early_stop = {"requested": False}
-
-
-def record_early_stops() -> None:
-    """From process start until ``Trainer.train`` installs its handlers, remember SIGUSR1 /
-    SIGTERM instead of dying by them (Slurm's --signal may come during minutes of imports
-    and setup); the run then stops at its first step boundary."""
-
-    def remember(signum: int, frame: Any) -> None:
-        _early_stop["requested"] = True
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, remember)
 
 
 def _max_memory_mib(device: torch.device) -> float:
