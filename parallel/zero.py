@@ -25,6 +25,7 @@ the gradient is accumulated, hence before DeepSpeed's accumulation hooks see it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import time
@@ -297,6 +298,7 @@ class ZeroEngine:
         sequence_parallel: bool = False,
         external_params: Sequence[tuple[nn.Module, nn.Parameter]] = (),
         persistence_threshold: int | None = None,
+        local_rank: int = 0,
     ) -> ZeroEngine:
         """The engine over ``model`` (already on its device) and its torch ``optimizer``.
 
@@ -304,8 +306,12 @@ class ZeroEngine:
         ``mpu`` (default: megatron-core's). ``external_params``: (module, parameter) pairs,
         a parameter used in ``module``'s forward outside its owner's (ZeRO-3 gathers it
         for the whole of ``module``'s forward), e.g. a tied embedding used by the head.
+        ``local_rank``: this process's index on its node.
         """
         deepspeed = import_deepspeed()
+        # DeepSpeed insists on LOCAL_RANK, which torchrun sets and srun (SLURM_LOCALID) or a
+        # single process do not.
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
         groups = groups or MegatronGroups()
         _describe_for_universal(model)
         hooks = []
@@ -381,6 +387,14 @@ class ZeroEngine:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """Within it, ZeRO-3's partitioned parameters are whole on every rank (read-only:
+        for saving the model); a no-op for stages 1 and 2."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        deepspeed = import_deepspeed()
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()))
+
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
@@ -433,7 +447,7 @@ class ZeroEngine:
             universal = to_universal(directory, tag)
             return self._load(universal.parent, universal.name, universal=True)
         if saved_dp != dp:
-            raise NotImplementedError(
+            raise ValueError(
                 f"ZeRO-{self.stage}: loading a checkpoint of data-parallel size {saved_dp} on "
                 f"{dp} ranks is supported for stages 1 and 2 only"
             )

@@ -97,10 +97,12 @@ def save_checkpoint(
     keep_last: int = 0,
     layout: Layout | None = None,
     sharded: dict[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Every rank writes its ``state`` (``torch.save``) and its shards of ``sharded`` (a
     megatron-core sharded state dict, saved with ``dist_checkpointing``) for ``step``;
-    rank 0 publishes once all are written.
+    rank 0 publishes once all are written. ``extra(folder)`` writes more of this rank's files
+    into the step folder before that (DeepSpeed's ZeRO files); they are checksummed too.
 
     Collective when a process group is initialized: every rank must call it.
     """
@@ -116,6 +118,8 @@ def save_checkpoint(
     _barrier()
     if sharded is not None:
         _save_sharded(sharded, tmp / SHARDED)
+    if extra is not None:
+        extra(tmp)
     path = tmp / rank_file(rank)
     torch.save(state, path)
     _fsync(path)

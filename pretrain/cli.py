@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     world = detect_world()
     topology = None
-    if world.world_size > 1:
+    if world.world_size > 1 or cfg.optimizer.zero_stage:  # ZeRO needs a group, even of one
         sizes = ParallelSizes(
             tensor=cfg.parallel.tensor,
             pipeline=cfg.parallel.pipeline,

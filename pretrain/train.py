@@ -7,6 +7,7 @@ RNG, so the continued loss curve is the one an uninterrupted run would have prod
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -15,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -64,13 +65,22 @@ from pretrain.monitor import Monitor, new_run_id
 from pretrain.plot import save_heatmap
 from pretrain.stop import early_stop_requested
 
+if TYPE_CHECKING:
+    from parallel.zero import ZeroEngine
+
 # Exit code of a run that saved a checkpoint because it was asked to stop (SIGUSR1 or
 # SIGTERM, e.g. Slurm preemption): a launcher reads it as "requeue me".
 REQUEUE_EXIT_CODE = 75
 
+# DeepSpeed's files in a checkpoint: <step>/deepspeed/zero/.
+ZERO_DIR, ZERO_TAG = "deepspeed", "zero"
+
 # Config sections that must not change when a run resumes: they define the model and the
 # data order. Everything else (steps, intervals, logging) may.
-FROZEN_ON_RESUME = ("model", "data", "train.seq_length", "train.global_batch_size", "train.seed")
+FROZEN_ON_RESUME = (
+    "model", "data", "train.seq_length", "train.global_batch_size", "train.seed",
+    "optimizer.zero_stage",  # where the optimizer state is kept (DeepSpeed's files or ours)
+)  # fmt: skip
 
 
 class NonFiniteLossError(RuntimeError):
@@ -149,6 +159,7 @@ class Trainer:
             model_parallel_cuda_manual_seed(stream)
         self.optimizer = optimizer_for(self.model, cfg.optimizer)
         self.scheduler = scheduler_for(self.optimizer, cfg.optimizer, t.max_steps)
+        self.zero = self._zero_engine() if cfg.optimizer.zero_stage else None
         self.loader = PretrainLoader(
             cfg.data, self.tokenizer, t.seq_length, t.global_batch_size, dp_rank, dp_size
         )
@@ -178,6 +189,32 @@ class Trainer:
             self.cfg.model.layers, p.virtual_stages, p.stage_layers
         )
 
+    def _zero_engine(self) -> ZeroEngine:
+        """DeepSpeed ZeRO over the data x context ranks; it owns gradient reduction,
+        clipping and the optimizer step (our schedule stays ours)."""
+        from parallel.zero import ZeroEngine
+
+        t, stage = self.cfg.train, self.cfg.optimizer.zero_stage
+        if not dist.is_initialized():
+            raise ConfigError(
+                "optimizer.zero_stage needs a process group (init_distributed; `seqboat "
+                "train` creates one, also for a single process)"
+            )
+        if self.pipeline.active:  # the schedule accumulates: DeepSpeed sees one batch
+            micro, accumulation = t.global_batch_size // self.topo.dp_size, 1
+        else:
+            micro = t.micro_batch_size
+            accumulation = t.global_batch_size // (micro * self.topo.dp_size)
+        for copy in self._tied_copies():  # counted once in DeepSpeed's norm
+            copy.ds_pipe_replicated = True
+        tied = [] if self.model.head is not None else [(self.model, self.model.embedding.weight)]
+        return ZeroEngine.build(
+            self.model, self.optimizer, self.scheduler, stage=stage, micro_batch_size=micro,
+            grad_accum_steps=accumulation, clip_grad=self.cfg.optimizer.clip_grad,
+            sequence_parallel=self.tp.sequence_parallel, external_params=tied,
+            local_rank=self.topo.world.local_rank,
+        )  # fmt: skip
+
     def _tokenizer(self) -> Tokenizer:
         """Rank 0 trains a missing tokenizer; the others wait and load it."""
         tokenizer = tokenizer_for(self.cfg) if self.main else None
@@ -203,13 +240,19 @@ class Trainer:
         self._barrier()
         if self.main:
             remove_partial(self.run_dir)  # a killed save's step_X.tmp
-        loaded = load_latest(self.run_dir, self.layout(), self._sharded_template)
+        # Under ZeRO, DeepSpeed loads the model and optimizer from its own files.
+        template = None if self.zero is not None else self._sharded_template
+        loaded = load_latest(self.run_dir, self.layout(), template)
         if loaded is None:
             self.run_id = _broadcast_object(new_run_id() if self.main else None, self.distributed)
             return
         state, path = loaded
-        load_model(self.model, state["sharded"])
-        load_optimizer(self.optimizer, self.model, state["optimizer"], state["sharded"])
+        if self.zero is not None:  # model and optimizer from DeepSpeed's files
+            _check_zero_resharding(state["saved_layout"], self.layout().sizes(), path)
+            self.zero.load(path / ZERO_DIR, ZERO_TAG)
+        else:
+            load_model(self.model, state["sharded"])
+            load_optimizer(self.optimizer, self.model, state["optimizer"], state["sharded"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
         if not state["elastic"]:  # else this rank's dropout stream is new: seeded in __init__
@@ -226,7 +269,7 @@ class Trainer:
         """This rank's checkpoint file: everything but the model and optimizer tensors
         (``sharded_state_dict``)."""
         return {
-            "optimizer": self._optimizer_record(),
+            "optimizer": None if self.zero is not None else self._optimizer_record(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "rng": _rng_state(self.tp),
@@ -273,10 +316,9 @@ class Trainer:
         """The model and optimizer tensors as megatron-core sharded tensors, the writing
         shared out over the data/context-parallel copies."""
         place = self.place()
-        sharded = {
-            **model_sharded_state_dict(self.model, place),
-            **optimizer_sharded_state_dict(self.optimizer, self.model, place),
-        }
+        sharded = model_sharded_state_dict(self.model, place)
+        if self.zero is None:  # else in DeepSpeed's files
+            sharded |= optimizer_sharded_state_dict(self.optimizer, self.model, place)
         return spread_writes(sharded, place)
 
     def _sharded_template(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -296,9 +338,13 @@ class Trainer:
     def save(self) -> float:
         """Saves a checkpoint of the current step; returns the seconds it took."""
         start = time.perf_counter()
+        zero = self.zero
+        with zero.gathered() if zero is not None else contextlib.nullcontext():
+            sharded = self.sharded_state_dict()  # whole parameters, also under ZeRO-3
         save_checkpoint(
             self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last,
-            self.layout(), self.sharded_state_dict(),
+            self.layout(), sharded,
+            None if zero is None else lambda folder: zero.save(folder / ZERO_DIR, ZERO_TAG),
         )  # fmt: skip
         return time.perf_counter() - start
 
@@ -419,20 +465,22 @@ class Trainer:
         return bool(flag.item())
 
     def _train_step(self, collect_stats: bool) -> tuple[float, float, list[LayerStats] | None]:
-        t = self.cfg.train
-        micro_batches = next(self.loader).split(t.micro_batch_size)
+        micro_batches = next(self.loader).split(self.cfg.train.micro_batch_size)
         self.model.train()
         if self.pipeline.active:
             total, stats = self._pipeline_backward(micro_batches), None
+            sync_tied_grads([w for c in self.chunks for w in c.tied_weights()], self.pipeline)
         else:
             total, stats = self._backward(micro_batches, collect_stats)
-        for chunk in self.chunks:
-            sync_partial_grads(chunk, self.tp)
-        sync_tied_grads([w for c in self.chunks for w in c.tied_weights()], self.pipeline)
         if self.dp_group is not None:
-            average_gradients(self.model, self.dp_group, self.dp_cp_size)
             total = average(total, self.dp_group, self.dp_cp_size)
         total = float(total)
+        if self.zero is not None:  # reduction, clipping, step (or skip) and schedule
+            return total, self.zero.step(skip=not math.isfinite(total)).grad_norm, stats
+        for chunk in self.chunks:
+            sync_partial_grads(chunk, self.tp)
+        if self.dp_group is not None:
+            average_gradients(self.model, self.dp_group, self.dp_cp_size)
         grad_norm = clip_gradients(
             list(self.model.parameters()), self.cfg.optimizer.clip_grad, self.tp,
             self._pipeline_group(), self._tied_copies(),
@@ -455,7 +503,10 @@ class Trainer:
                 loss, micro_stats = self.model.loss(
                     self.cp.chunk(micro).to(self.device), collect_stats and i == 0
                 )
-            (loss / len(micro_batches)).backward()
+            if self.zero is not None:
+                self.zero.backward(loss)  # divided by the accumulation steps inside
+            else:
+                (loss / len(micro_batches)).backward()
             total += loss.detach().double() / len(micro_batches)
             stats = stats or micro_stats
         return total, stats
@@ -503,8 +554,10 @@ class Trainer:
         """A short generated continuation of the first validation text (by rank 0, from
         the whole model; empty on the other ranks)."""
         model = self.model
-        if self.tp.active or self.cp.active or self.pipeline.active:
-            full = self._gather_stages(full_state_dict(self.model, self.tp))
+        zero3 = self.zero is not None and self.zero.stage == 3  # parameters are partitioned
+        if self.tp.active or self.cp.active or self.pipeline.active or zero3:
+            with self.zero.gathered() if zero3 else contextlib.nullcontext():
+                full = self._gather_stages(full_state_dict(self.model, self.tp))
             if not self.main:
                 return ""
             # Decode on the whole single-process model.
@@ -587,6 +640,18 @@ def _layout_change(saved: dict[str, int], now: dict[str, int]) -> str:
         return "x".join(str(d.get(k, 1)) for k in (*model_split, "dp_size"))
 
     return f" resharded (tensor x context x pipeline x data {sizes(saved)} -> {sizes(now)})"
+
+
+def _check_zero_resharding(saved: dict[str, int], now: dict[str, int], path: Path) -> None:
+    """DeepSpeed's files reshard over data-parallel ranks only (ZeRO-1/2, through its
+    universal checkpoint)."""
+    split = ("tp_size", "cp_size", "pp_size")
+    if any(saved.get(k, 1) != now[k] for k in split):
+        raise ConfigError(
+            f"{path} holds ZeRO optimizer state of tensor x context x pipeline "
+            f"{'x'.join(str(saved.get(k, 1)) for k in split)}; a ZeRO run resumes on another "
+            "data-parallel size only: keep parallel.tensor, context and pipeline"
+        )
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:

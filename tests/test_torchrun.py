@@ -92,3 +92,45 @@ def test_resume_on_another_layout(tmp_path: Path) -> None:
     a, b = curve(straight), curve(resumed)
     assert list(a) == list(b) == list(range(1, 21))
     assert max(abs(a[s] - b[s]) / a[s] for s in a) < 1e-4
+
+
+def _torchrun(nproc: int) -> list[str]:
+    (port,) = free_ports(1)
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+    ]  # fmt: skip
+
+
+def _losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_pipeline_zero1_resume_is_bitwise(tmp_path: Path) -> None:
+    """Pipeline 2 x data 2 with DeepSpeed ZeRO-1: 8 straight steps, and 4 + resume + 4,
+    give the same losses bit for bit; both follow one process without ZeRO (float32)."""
+    common = ["optimizer.decay=constant", "checkpoint.interval=4", "train.max_steps=8"]
+    split = ["parallel.pipeline=2", "optimizer.zero_stage=1", *common]
+    single = _losses(train(tmp_path, "single", [sys.executable], *common))
+    straight = _losses(train(tmp_path, "straight", _torchrun(4), *split))
+    train(tmp_path, "resumed", _torchrun(4), *split[:-1], "train.max_steps=4")
+    assert (tmp_path / "resumed/checkpoints/step_00000004/deepspeed/zero").is_dir()
+    resumed = _losses(train(tmp_path, "resumed", _torchrun(4), *split))
+    assert list(straight) == list(resumed) == list(range(1, 9))
+    assert straight == resumed
+    assert max(abs(single[s] - straight[s]) / single[s] for s in single) < 1e-5
+
+
+@pytest.mark.slow
+def test_zero2_resumes_on_one_process(tmp_path: Path) -> None:
+    """ZeRO-2 on 2 data-parallel ranks for 4 steps, then 4 more on one process (DeepSpeed's
+    universal checkpoint reshards the optimizer state): the losses follow 8 straight steps
+    on one process without ZeRO (float32)."""
+    common = ["optimizer.decay=constant", "checkpoint.interval=4"]
+    single = _losses(train(tmp_path, "single", [sys.executable], *common, "train.max_steps=8"))
+    zero = [*common, "optimizer.zero_stage=2"]
+    train(tmp_path, "zero", _torchrun(2), *zero, "train.max_steps=4")
+    resumed = _losses(train(tmp_path, "zero", [sys.executable], *zero, "train.max_steps=8"))
+    assert list(resumed) == list(single) == list(range(1, 9))
+    assert max(abs(single[s] - resumed[s]) / single[s] for s in single) < 1e-5
