@@ -134,3 +134,25 @@ def test_zero2_resumes_on_one_process(tmp_path: Path) -> None:
     resumed = _losses(train(tmp_path, "zero", [sys.executable], *zero, "train.max_steps=8"))
     assert list(resumed) == list(single) == list(range(1, 9))
     assert max(abs(single[s] - resumed[s]) / single[s] for s in single) < 1e-5
+
+
+@pytest.mark.slow
+def test_zero3_run_resumes_and_refuses_another_size(tmp_path: Path) -> None:
+    """ZeRO-3 on 2 ranks (parameters partitioned; checkpoints gather them whole): 4 steps,
+    then 4 more after a resume, follow one process without ZeRO; resuming on one process is
+    refused with one clear error line (DeepSpeed cannot reshard ZeRO-3 state)."""
+    common = ["optimizer.decay=constant", "checkpoint.interval=4"]
+    single = _losses(train(tmp_path, "single", [sys.executable], *common, "train.max_steps=8"))
+    zero = [*common, "optimizer.zero_stage=3"]
+    train(tmp_path, "zero", _torchrun(2), *zero, "train.max_steps=4")
+    resumed = _losses(train(tmp_path, "zero", _torchrun(2), *zero, "train.max_steps=8"))
+    assert list(resumed) == list(single) == list(range(1, 9))
+    assert max(abs(single[s] - resumed[s]) / single[s] for s in single) < 1e-5
+    out = subprocess.run(
+        [sys.executable, "-m", "pretrain", "train", f"run.dir={tmp_path / 'zero'}", *RUN, *zero,
+         "train.max_steps=12"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SEQBOAT_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "seqboat: error: ZeRO-3: loading a checkpoint of data-parallel size 2 on 1" in out.stderr
