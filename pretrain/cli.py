@@ -141,12 +141,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     world = detect_world()
     topology = None
-    if world.world_size > 1 or cfg.optimizer.zero_stage:  # ZeRO needs a group, even of one
-        sizes = ParallelSizes(
-            tensor=cfg.parallel.tensor,
-            pipeline=cfg.parallel.pipeline,
-            context=cfg.parallel.context,
-        )
+    sizes = ParallelSizes(
+        tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, context=cfg.parallel.context
+    )
+    # ZeRO needs a process group, even of one; model-parallel sizes on too few processes
+    # fail in init_distributed's check, before any collective.
+    if world.world_size > 1 or cfg.optimizer.zero_stage or sizes.model_parallel > 1:
         topology = init_distributed(sizes, world)
     try:
         result = Trainer(cfg, progress=not args.no_progress, topology=topology).train()

@@ -71,3 +71,21 @@ def test_stop_signal_during_startup_saves_and_requeues(tmp_path: Path) -> None:
     assert child.returncode == 75, err[-2000:]
     assert "stopped on request at step 1; checkpoint saved" in err
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
+def test_model_parallel_sizes_need_enough_processes(tmp_path: Path) -> None:
+    """A model split over more ranks than were launched is one clear error, not a silent
+    single-process run; nothing is written."""
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "pretrain", "train", *SMALL_RUN, "parallel.pipeline=2",
+         f"run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "SEQBOAT_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "seqboat: error: world size 1 is not a multiple of tensor x pipeline x context = "
+        "1 x 2 x 1 = 2"
+    )
+    assert not run_dir.exists()
