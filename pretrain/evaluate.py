@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from parallel.context import SINGLE_CONTEXT, ContextParallel
 from parallel.pipeline import PipelinePlace, broadcast_loss, pipeline_step
+from pretrain.model.layer import LayerStats
 from pretrain.model.lm import LanguageModel
 
 
@@ -85,13 +86,21 @@ def evaluate_pipeline(
     return _metrics(nats, tokens, nbytes, dp_group, device)
 
 
-def stage_forward(dtype: torch.dtype) -> Callable[[nn.Module, Tensor], Tensor]:
+def stage_forward(
+    dtype: torch.dtype, stats: dict[int, list[LayerStats]] | None = None
+) -> Callable[[nn.Module, Tensor], Tensor]:
     """The ``step_fn`` of ``pipeline_step``: a chunk's loss on the last stage, else its
     activation in ``dtype`` (the master dtype: under bf16 autocast a stage's output dtype
-    depends on its last op, and the next stage's receive buffer must know it beforehand)."""
+    depends on its last op, and the next stage's receive buffer must know it beforehand).
+    With ``stats``, each chunk's layer statistics of its first micro-batch go there, keyed
+    by the chunk's first global layer."""
 
     def run(chunk: nn.Module, micro_batch: Tensor) -> Tensor:
-        out = chunk.pipeline_forward(micro_batch)
+        first_layer = chunk.stage.layers.start
+        collect = stats is not None and first_layer not in stats
+        out, chunk_stats = chunk.pipeline_forward(micro_batch, collect)
+        if collect:
+            stats[first_layer] = chunk_stats or []
         return out if chunk.stage.last else out.to(dtype)
 
     return run

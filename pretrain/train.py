@@ -8,6 +8,7 @@ RNG, so the continued loss curve is the one an uninterrupted run would have prod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import resource
@@ -468,7 +469,7 @@ class Trainer:
         micro_batches = next(self.loader).split(self.cfg.train.micro_batch_size)
         self.model.train()
         if self.pipeline.active:
-            total, stats = self._pipeline_backward(micro_batches), None
+            total, stats = self._pipeline_backward(micro_batches, collect_stats)
             sync_tied_grads([w for c in self.chunks for w in c.tied_weights()], self.pipeline)
         else:
             total, stats = self._backward(micro_batches, collect_stats)
@@ -511,20 +512,30 @@ class Trainer:
             stats = stats or micro_stats
         return total, stats
 
-    def _pipeline_backward(self, micro_batches: tuple[Tensor, ...]) -> Tensor:
+    def _pipeline_backward(
+        self, micro_batches: tuple[Tensor, ...], collect_stats: bool
+    ) -> tuple[Tensor, list[LayerStats] | None]:
         """One 1F1B (or interleaved) schedule over the micro-batches; their mean loss, from
-        the last stage. Per-layer statistics are not collected under a pipeline."""
+        the last stage, and with ``collect_stats`` every layer's statistics of the first
+        micro-batch, gathered from the stages in layer order."""
         t = self.cfg.train
         dtype = next(self.model.parameters()).dtype
+        stats: dict[int, list[LayerStats]] | None = {} if collect_stats else None
         with autocast_for(t.precision, self.device):
             loss = pipeline_step(
                 self.chunks, self.pipeline,
-                [self.cp.chunk(m).to(self.device) for m in micro_batches], stage_forward(dtype),
+                [self.cp.chunk(m).to(self.device) for m in micro_batches],
+                stage_forward(dtype, stats),
                 seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                 hidden_size=self.cfg.model.width, dtype=dtype,
                 sequence_parallel=self.tp.sequence_parallel,
             )  # fmt: skip
-        return broadcast_loss(loss, self.pipeline, self.device)
+        loss = broadcast_loss(loss, self.pipeline, self.device)
+        if stats is None:
+            return loss, None
+        local = {first: [_to_cpu(s) for s in layer_stats] for first, layer_stats in stats.items()}
+        gathered = self._gather_stages(local)
+        return loss, [s for first in sorted(gathered) for s in gathered[first]]
 
     def _pipeline_group(self) -> dist.ProcessGroup | None:
         if not self.pipeline.active:
@@ -614,6 +625,15 @@ def _max_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def _to_cpu(stats: LayerStats) -> LayerStats:
+    """For gathering between ranks as Python objects (CUDA tensors would unpickle on the
+    sender's device)."""
+    return dataclasses.replace(
+        stats, activated=stats.activated.cpu(), span_sum=stats.span_sum.cpu(),
+        span_pairs=stats.span_pairs.cpu(),
+    )  # fmt: skip
 
 
 def _layer_metrics(stats: list[LayerStats] | None) -> dict[str, float]:

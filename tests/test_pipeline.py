@@ -137,9 +137,9 @@ def test_stages_hold_the_full_models_keys(tied: bool) -> None:
     x = None
     for chunk in order[:-1]:
         chunk.set_input_tensor([x])
-        x = chunk.pipeline_forward(tokens)
+        x = chunk.pipeline_forward(tokens)[0]
     order[-1].set_input_tensor(x)
-    assert torch.equal(order[-1].pipeline_forward(tokens), full.loss(tokens)[0])
+    assert torch.equal(order[-1].pipeline_forward(tokens)[0], full.loss(tokens)[0])
     assert [len(c.tied_weights()) for c in order] == [int(tied), 0, 0, int(tied)]
     with pytest.raises(RuntimeError):
         order[1].set_input_tensor(None)
@@ -222,7 +222,7 @@ def check_case(rank: int, case: tuple) -> dict:
         return (out * w).sum() * cp.size / toks.shape[0] if chunk.stage.last else out
 
     def lm(chunk, batch):
-        return chunk.pipeline_forward(batch[0])
+        return chunk.pipeline_forward(batch[0])[0]
 
     def run(step_fn, forward_only: bool = False):
         return pipeline_step(

@@ -69,6 +69,10 @@ def test_parallel_run_matches_one_process(
     va, vb = curve(single, "val/loss"), curve(parallel, "val/loss")
     assert list(va) == list(vb) == [0, 15, 30]
     assert max(abs(va[s] - vb[s]) / va[s] for s in va) < 1e-4
+    if "parallel.pipeline=2" in split:  # layer statistics gathered from the stages
+        ra, rb = curve(single, "layer_3/act_ratio"), curve(parallel, "layer_3/act_ratio")
+        assert list(ra) == list(rb) == list(range(1, 31))
+        assert ra[1] == rb[1]
 
 
 @pytest.mark.slow

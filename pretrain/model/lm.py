@@ -177,12 +177,15 @@ class LanguageModel(nn.Module):
         losses, stats = self.token_losses(tokens, collect_stats)
         return losses.mean(), stats
 
-    def pipeline_forward(self, tokens: Tensor) -> Tensor:
+    def pipeline_forward(
+        self, tokens: Tensor, collect_stats: bool = False
+    ) -> tuple[Tensor, list[LayerStats] | None]:
         """A pipeline stage's output for megatron-core's schedules: the mean loss of the
-        micro-batch ``tokens`` [B, L+1] on the last stage, the hidden state elsewhere."""
+        micro-batch ``tokens`` [B, L+1] on the last stage, the hidden state elsewhere; and
+        this stage's layers' statistics when ``collect_stats``."""
         if self.stage.last:
-            return self.loss(tokens)[0]
-        return self(tokens[:, :-1])[0]
+            return self.loss(tokens, collect_stats)
+        return self(tokens[:, :-1], collect_stats)
 
     def tied_weights(self) -> list[nn.Parameter]:
         """The embedding weight where a tied head makes it shared between the first and the
