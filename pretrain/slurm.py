@@ -243,11 +243,26 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 
 def run_dir_of(job: SlurmJob) -> Path:
-    """The run directory the job trains into. Loads (and so validates) the config: a typo
-    in an override fails here rather than after hours in the queue."""
-    from pretrain.config import load_config  # imports torch: only when asked
+    """The run directory the job trains into. Loads (and so validates) the config, also
+    against the job's task count: a typo in an override or a split that does not fit the
+    allocation fails here rather than after hours in the queue."""
+    from parallel.topology import ParallelSizes  # with the config: imports torch
+    from pretrain.config import load_config
 
-    return load_config(job.config, job.overrides).run_dir
+    cfg = load_config(job.config, job.overrides)
+    p, t = cfg.parallel, cfg.train
+    world = job.nodes * job.ntasks_per_node
+    try:
+        data = ParallelSizes(tensor=p.tensor, pipeline=p.pipeline, context=p.context).data(world)
+    except ValueError as e:
+        raise SlurmError(f"{job.nodes} node(s) x {job.ntasks_per_node} task(s): {e}") from None
+    if t.global_batch_size % (t.micro_batch_size * data):
+        raise SlurmError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {data}, "
+            f"{job.nodes} node(s) x {job.ntasks_per_node} task(s))"
+        )
+    return cfg.run_dir
 
 
 def failures_file(job: SlurmJob, run_dir: Path | str) -> str:

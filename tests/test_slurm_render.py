@@ -454,6 +454,12 @@ def test_submit_errors(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
         submit(SlurmJob(), sbatch=str(fakes.work / "no-sbatch"))
     with pytest.raises(ConfigError, match=r"model\.widht"):
         submit(SlurmJob(overrides=["model.widht=8"]), sbatch=sbatch)
+    # A split that does not fit the allocation: 2 x 2 tasks for tensor 2 x pipeline 4.
+    split = ["parallel.tensor=2", "parallel.pipeline=4"]
+    with pytest.raises(SlurmError, match=r"2 node\(s\) x 2 task\(s\): world size 4 is not"):
+        submit(SlurmJob(overrides=split, nodes=2, tasks_per_node=2), sbatch=sbatch)
+    with pytest.raises(SlurmError, match=r"global_batch_size \(16\) must be a multiple"):
+        submit(SlurmJob(nodes=3, tasks_per_node=1), sbatch=sbatch)  # data-parallel 3
     assert fakes.calls() == []  # a bad config never reaches the queue
     monkeypatch.setenv("FAKE_SBATCH_FAIL", "1")
     with pytest.raises(SlurmError, match=r"exit 1.*invalid partition"):
