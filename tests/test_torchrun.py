@@ -16,6 +16,10 @@ from pretrain.monitor import read_metrics
 from tests.conftest import SMALL_RUN
 
 RUN = ["--no-progress", *SMALL_RUN, "checkpoint.interval=15"]
+ZERO2_CP2_TP2_SP = [
+    "parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true",
+    "optimizer.zero_stage=2",
+]  # fmt: skip
 
 
 def train(tmp_path: Path, name: str, launcher: list[str], *extra: str) -> list[dict]:
@@ -40,8 +44,11 @@ def train(tmp_path: Path, name: str, launcher: list[str], *extra: str) -> list[d
         (["parallel.context=2", "parallel.tensor=2"], []),  # CP 2 x TP 2
         # Interleaved 1F1B: PP 2 x 2 virtual stages (one layer each) x DP 2.
         (["parallel.pipeline=2", "parallel.virtual_stages=2"], ["model.layers=4"]),
+        # ZeRO-2 sharded over the context ranks; partial and sequence-parallel gradients
+        # are summed by hooks before DeepSpeed reduces them.
+        (ZERO2_CP2_TP2_SP, []),
     ],
-    ids=["tp2-sp-dp2", "cp2-tp2", "pp2-vp2-dp2"],
+    ids=["tp2-sp-dp2", "cp2-tp2", "pp2-vp2-dp2", "cp2-tp2-sp-zero2"],
 )
 def test_parallel_run_matches_one_process(
     tmp_path: Path, split: list[str], model: list[str]
