@@ -17,6 +17,11 @@ def mark_tensor_parallel(param: nn.Parameter, dim: int, stride: int = 1) -> None
     param.partition_stride = stride
 
 
+def is_split(param: nn.Parameter) -> bool:
+    """Whether ``param`` is split across the tensor-parallel ranks."""
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
 def mark_replicated(param: nn.Parameter) -> None:
     """``param`` is held whole, identically, on every tensor-parallel rank."""
     param.tensor_model_parallel = False
@@ -37,3 +42,12 @@ def mark_partial_grad(param: nn.Parameter) -> None:
     gradient (it sits on the path of a column-split activation's gradient): the parts are
     summed over the tensor group."""
     param.partial_grad = True
+
+
+def holds_partial_grad(param: nn.Parameter, sequence_parallel: bool) -> bool:
+    """Whether each tensor-parallel rank holds only part of ``param``'s gradient, to be
+    summed over the tensor group: ``mark_partial_grad``, or ``mark_sequence_parallel``
+    when sequence parallelism is on."""
+    return bool(getattr(param, "partial_grad", False)) or (
+        sequence_parallel and bool(getattr(param, "sequence_parallel", False))
+    )

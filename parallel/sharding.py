@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from parallel.layout import is_split
+
 MODEL = "model."
 OPTIMIZER = "optimizer."
 # Shape tag of an optimizer state tensor that has its parameter's shape (and split).
@@ -57,15 +59,11 @@ class Place:
         return (stage_copy, 0 if split else self.tp_rank, self.replica)
 
 
-def _is_split(param: Tensor | None) -> bool:
-    return param is not None and bool(getattr(param, "tensor_model_parallel", False))
-
-
 def _sharded(key: str, data: Tensor, param: Tensor | None, place: Place, owner_key: str):
     """A ShardedTensor of ``data``: split like ``param`` when that is tensor-parallel."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    split = _is_split(param) and place.tp_size > 1
+    split = param is not None and is_split(param) and place.tp_size > 1
     offsets = [(param.partition_dim, place.tp_rank, place.tp_size)] if split else []
     return ShardedTensor.from_rank_offsets(
         key, data, *offsets, replica_id=place.replica_id(owner_key, split)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from parallel.comm import all_reduce_coalesced
+from parallel.layout import holds_partial_grad, is_split
 
 
 @dataclass(frozen=True)
@@ -281,10 +282,6 @@ class SplitDropout(nn.Dropout):
 # --------------------------------------------------------------------------- weights
 
 
-def is_split(param: Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
-
-
 def shard_state_dict(full: dict[str, Tensor], model: nn.Module, tp: TensorParallel) -> dict:
     """The single-process ``full`` state dict cut into ``model``'s tensor-parallel shards,
     using the split each parameter records (megatron-core's ``partition_dim``)."""
@@ -321,11 +318,7 @@ def sync_partial_grads(model: nn.Module, tp: TensorParallel) -> None:
     grads = [
         p.grad
         for p in model.parameters()
-        if p.grad is not None
-        and (
-            (tp.sequence_parallel and getattr(p, "sequence_parallel", False))
-            or getattr(p, "partial_grad", False)
-        )
+        if p.grad is not None and holds_partial_grad(p, tp.sequence_parallel)
     ]
     all_reduce_coalesced(grads, tp.group())
 

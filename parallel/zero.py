@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from parallel.layout import holds_partial_grad
+
 # Bucket sizes in elements. DeepSpeed's default (5e8) is for GPUs; on a CPU a smaller
 # bucket bounds the flat gradient buffers without changing any result.
 GPU_BUCKET = 500_000_000
@@ -235,14 +237,6 @@ class MegatronGroups:
 # --------------------------------------------------------------------------- hooks
 
 
-def is_partial(param: nn.Parameter, sequence_parallel: bool) -> bool:
-    """Whether each tensor-parallel rank holds only a part of ``param``'s gradient (the same
-    test as ``parallel.tensor.sync_partial_grads``)."""
-    return bool(getattr(param, "partial_grad", False)) or (
-        sequence_parallel and bool(getattr(param, "sequence_parallel", False))
-    )
-
-
 def install_partial_grad_hooks(
     model: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool
 ) -> list[Any]:
@@ -259,7 +253,7 @@ def install_partial_grad_hooks(
     return [
         p.register_hook(summed)
         for p in model.parameters()
-        if p.requires_grad and is_partial(p, sequence_parallel)
+        if p.requires_grad and holds_partial_grad(p, sequence_parallel)
     ]
 
 
@@ -299,6 +293,7 @@ class ZeroEngine:
         external_params: Sequence[tuple[nn.Module, nn.Parameter]] = (),
         persistence_threshold: int | None = None,
         local_rank: int = 0,
+        stage_copies: Sequence[nn.Parameter] = (),
     ) -> ZeroEngine:
         """The engine over ``model`` (already on its device) and its torch ``optimizer``.
 
@@ -306,12 +301,16 @@ class ZeroEngine:
         ``mpu`` (default: megatron-core's). ``external_params``: (module, parameter) pairs,
         a parameter used in ``module``'s forward outside its owner's (ZeRO-3 gathers it
         for the whole of ``module``'s forward), e.g. a tied embedding used by the head.
-        ``local_rank``: this process's index on its node.
+        ``local_rank``: this process's index on its node. ``stage_copies``: this pipeline
+        stage's copies of weights another stage owns (a tied head's embedding on the last
+        stage), counted once in the gradient norm.
         """
         deepspeed = import_deepspeed()
         # DeepSpeed insists on LOCAL_RANK, which torchrun sets and srun (SLURM_LOCALID) or a
         # single process do not.
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        for copy in stage_copies:  # DeepSpeed's norm skips pipeline-replicated parameters
+            copy.ds_pipe_replicated = True
         groups = groups or MegatronGroups()
         _describe_for_universal(model)
         hooks = []

@@ -206,14 +206,12 @@ class Trainer:
         else:
             micro = t.micro_batch_size
             accumulation = t.global_batch_size // (micro * self.topo.dp_size)
-        for copy in self._tied_copies():  # counted once in DeepSpeed's norm
-            copy.ds_pipe_replicated = True
         tied = [] if self.model.head is not None else [(self.model, self.model.embedding.weight)]
         return ZeroEngine.build(
             self.model, self.optimizer, self.scheduler, stage=stage, micro_batch_size=micro,
             grad_accum_steps=accumulation, clip_grad=self.cfg.optimizer.clip_grad,
             sequence_parallel=self.tp.sequence_parallel, external_params=tied,
-            local_rank=self.topo.world.local_rank,
+            local_rank=self.topo.world.local_rank, stage_copies=self._tied_copies(),
         )  # fmt: skip
 
     def _tokenizer(self) -> Tokenizer:
@@ -470,7 +468,7 @@ class Trainer:
         self.model.train()
         if self.pipeline.active:
             total, stats = self._pipeline_backward(micro_batches, collect_stats)
-            sync_tied_grads([w for c in self.chunks for w in c.tied_weights()], self.pipeline)
+            sync_tied_grads(self._tied_weights(), self.pipeline)
         else:
             total, stats = self._backward(micro_batches, collect_stats)
         if self.dp_group is not None:
@@ -544,9 +542,13 @@ class Trainer:
 
         return parallel_state.get_pipeline_model_parallel_group()
 
+    def _tied_weights(self) -> list[nn.Parameter]:
+        """This rank's copies of the weight tied between the first and the last stage."""
+        return [w for c in self.chunks for w in c.tied_weights()]
+
     def _tied_copies(self) -> list[nn.Parameter]:
         """Weights this rank holds a copy of for another stage (counted once in norms)."""
-        return [] if self.pipeline.is_first else [w for c in self.chunks for w in c.tied_weights()]
+        return [] if self.pipeline.is_first else self._tied_weights()
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.train
@@ -648,29 +650,35 @@ def _layer_metrics(stats: list[LayerStats] | None) -> dict[str, float]:
     return out
 
 
+# The sizes of a checkpoint's layout that split the model (the rest is data parallelism).
+MODEL_SPLIT = ("tp_size", "cp_size", "pp_size")
+
+
+def _sizes(layout: dict[str, int], keys: tuple[str, ...]) -> str:
+    return "x".join(str(layout.get(k, 1)) for k in keys)
+
+
 def _layout_change(saved: dict[str, int], now: dict[str, int]) -> str:
     """How the split changed since the checkpoint, for the resume message ("" if not)."""
     if saved == now:
         return ""
-    model_split = ("tp_size", "cp_size", "pp_size")
-    if all(saved.get(k, 1) == now[k] for k in model_split):
+    if _sizes(saved, MODEL_SPLIT) == _sizes(now, MODEL_SPLIT):
         return " on a different data-parallel size"
-
-    def sizes(d: dict[str, int]) -> str:
-        return "x".join(str(d.get(k, 1)) for k in (*model_split, "dp_size"))
-
-    return f" resharded (tensor x context x pipeline x data {sizes(saved)} -> {sizes(now)})"
+    keys = (*MODEL_SPLIT, "dp_size")
+    return (
+        f" resharded (tensor x context x pipeline x data {_sizes(saved, keys)} -> "
+        f"{_sizes(now, keys)})"
+    )
 
 
 def _check_zero_resharding(saved: dict[str, int], now: dict[str, int], path: Path) -> None:
     """DeepSpeed's files reshard over data-parallel ranks only (ZeRO-1/2, through its
     universal checkpoint)."""
-    split = ("tp_size", "cp_size", "pp_size")
-    if any(saved.get(k, 1) != now[k] for k in split):
+    if _sizes(saved, MODEL_SPLIT) != _sizes(now, MODEL_SPLIT):
         raise ConfigError(
             f"{path} holds ZeRO optimizer state of tensor x context x pipeline "
-            f"{'x'.join(str(saved.get(k, 1)) for k in split)}; a ZeRO run resumes on another "
-            "data-parallel size only: keep parallel.tensor, context and pipeline"
+            f"{_sizes(saved, MODEL_SPLIT)}; a ZeRO run resumes on another data-parallel size "
+            "only: keep parallel.tensor, context and pipeline"
         )
 
 
