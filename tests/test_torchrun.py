@@ -159,7 +159,11 @@ def test_zero3_run_resumes_and_refuses_another_size(tmp_path: Path) -> None:
     """ZeRO-3 on 2 ranks (parameters partitioned; checkpoints gather them whole): 4 steps,
     then 4 more after a resume, follow one process without ZeRO; resuming on one process is
     refused with one clear error line (DeepSpeed cannot reshard ZeRO-3 state)."""
-    common = ["optimizer.decay=constant", "checkpoint.interval=4"]
+    # Wide enough that DeepSpeed partitions the GAU projections (it keeps parameters under
+    # 1e5 elements whole on every rank): 256 x 512.
+    common = [
+        "optimizer.decay=constant", "checkpoint.interval=4", "model.width=256", "model.hdim=512",
+    ]  # fmt: skip
     single = _losses(train(tmp_path, "single", [sys.executable], *common, "train.max_steps=8"))
     zero = [*common, "optimizer.zero_stage=3"]
     train(tmp_path, "zero", _torchrun(2), *zero, "train.max_steps=4")
@@ -174,3 +178,13 @@ def test_zero3_run_resumes_and_refuses_another_size(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "seqboat: error: ZeRO-3: loading a checkpoint of data-parallel size 2 on 1" in out.stderr
+    # The checkpoint's model files hold the whole parameters (gathered for the save):
+    # `seqboat eval` loads them into one process and gets the run's validation loss.
+    out = subprocess.run(
+        [sys.executable, "-m", "pretrain", "eval", "--run-dir", str(tmp_path / "zero")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SEQBOAT_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    val = _losses(read_metrics(tmp_path / "zero" / "metrics.jsonl"), "val/loss")
+    assert f"step 8: val loss {val[8]:.4f}" in out.stdout, out.stdout
