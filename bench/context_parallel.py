@@ -48,7 +48,8 @@ MEGATRON_BINDINGS = {
     "dist_all_gather_func": "all_gather_into_tensor",
     "dist_reduce_scatter_func": "reduce_scatter_tensor",
 }
-CORPUS = Path("/work/shared/corpus")
+# English prose shipped with the repository; --text takes any UTF-8 file.
+DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "corpus" / "moby_dick.txt"
 VOCAB = 2048  # table 3's random tokens (the tiny run's vocabulary size)
 
 
@@ -262,7 +263,7 @@ def dispatch_table(args: argparse.Namespace) -> None:
         run = trained_run(args, Path(scratch))
         cfg, tokenizer, model, step = load_trained(run, torch.device("cpu"))
         window = cfg.model.window
-        text = (CORPUS / args.text).read_text(encoding="utf-8")
+        text = Path(args.text).read_text(encoding="utf-8")
         ids = tokenizer.encode(text[: 20 * args.text_tokens])[: args.text_tokens]
         if len(ids) < args.text_tokens:
             raise ValueError(f"{args.text} gave only {len(ids)} tokens")
@@ -275,8 +276,8 @@ def dispatch_table(args: argparse.Namespace) -> None:
     print(header)
     source = run if args.run_dir else "the run trained above"
     print(
-        f"    (a) the first {len(ids)} tokens of {args.text} (B=1) routed by {source} at step "
-        f"{step}, its window {window}"
+        f"    (a) the first {len(ids)} tokens of {Path(args.text).name} (B=1) routed by {source} "
+        f"at step {step}, its window {window}"
     )
     rows = []  # (pattern [L, B], window) of every row
     for i, s in enumerate(stats):
@@ -398,7 +399,7 @@ def main() -> None:
     ap.add_argument("--dispatch-cp", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--run-dir", help="a trained run to route real text with (table 2)")
     ap.add_argument("--train-steps", type=int, default=150, help="when a run is trained here")
-    ap.add_argument("--text", default="moby_dick.txt", help=f"a file in {CORPUS}")
+    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="a UTF-8 text file to route")
     ap.add_argument("--text-tokens", type=int, default=4096)
     ap.add_argument("--pattern-length", type=int, default=4096)
     ap.add_argument("--pattern-batch", type=int, default=2)

@@ -1,13 +1,14 @@
 """Context parallelism for causal local attention: the activated-token halo.
 
 Each rank of a context-parallel group holds a contiguous chunk of every sequence and
-compresses its own activated tokens (SEQBOAT.md §6). Causal local attention lets activated
-token i see itself and the previous ``window`` activated tokens (§7.4), so the first
+compresses its own activated tokens (``pretrain/model/router.py``). Causal local attention
+lets activated token i see itself and the previous ``window`` activated tokens
+(``pretrain/model/gau.py``), so the first
 activated tokens of rank r need the keys and values of the last ``window`` activated tokens
 *before* its chunk. With sparse activation those can sit on several earlier ranks (or be
 fewer than ``window`` near the start of the sequence).
 
-They are exchanged with fixed-shape collectives only (DESIGN.md "Parallelism, decided"):
+They are exchanged with fixed-shape collectives only (no shape depends on another rank's routing):
 
 1. every rank contributes its *tail*: its own last min(window, count_b) activated tokens of
    each batch column b, right-aligned in ``window`` slots, zero-padded on the left;

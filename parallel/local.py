@@ -94,6 +94,6 @@ def gloo_world(rank: int, world: int) -> Iterator[None]:
     finally:
         from megatron.core import parallel_state
 
-        dist.barrier()  # without it gloo sometimes aborts at exit (SLURM-NOTES.md)
+        dist.barrier()  # without it gloo sometimes aborts at exit
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -140,7 +140,7 @@ def _schedule_config(
         pipeline_dtype=dtype,
         params_dtype=dtype,
         # gloo has no batched p2p: with it the interleaved schedule is silently wrong
-        # (DESIGN.md); NCCL does not need it either at our sizes.
+        # (tests/test_pipeline.py catches it); NCCL does not need it either at our sizes.
         batch_p2p_comm=False,
         # Gradient reduction (data, tensor, tied embedding) is ours, after the schedule.
         finalize_model_grads_func=None,

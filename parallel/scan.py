@@ -7,8 +7,8 @@ state entering rank r is then
 
     h_in(r) = sum_{j<r} Q^(r-1-j) f_j,   Q = q^Lc,
 
-and the exact outputs are y_r plus that state's response over the chunk (DESIGN.md
-"Parallelism, decided": state passing, not an all-to-all of activations).
+and the exact outputs are y_r plus that state's response over the chunk: state passing, not an
+all-to-all of activations.
 
 Communication is one all-gather of the [B, C, N] final states in the forward pass and its
 reduce-scatter in the backward pass: O(P*B*C*N) per call, independent of the sequence length.

@@ -5,7 +5,7 @@ process group needed). With size > 1 the factories return megatron-core's
 Column/RowParallelLinear and VocabParallelEmbedding, and the region functions are
 megatron-core's autograd mappings; with size 1 they are the identity.
 
-Regions used by a SeqBoat layer (SEQBOAT.md §3 + DESIGN.md "Parallelism, decided"):
+Regions used by a SeqBoat layer (the table in README.md, "Parallel training"):
   * ``enter_channel_split``: the full-width normed input, sliced to this rank's EMA channels;
     its backward sums the channel-partial gradients across the group.
   * ``gather_channels``: the compressed activated tokens' channels, all-gathered (M x D, so

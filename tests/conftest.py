@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 # A small run of 30 steps for the multi-process end-to-end tests (torchrun, Slurm).
@@ -23,7 +22,5 @@ SMALL_RUN = [
     "train.eval_samples=8",
 ]
 
-# The shared English corpus: beside the repository in CI (../shared/corpus).
-CORPUS = Path(
-    os.environ.get("SEQBOAT_CORPUS_DIR", Path(__file__).resolve().parents[2] / "shared" / "corpus")
-)
+# English prose shipped with the repository (tests/data/corpus/README.md says what and whence).
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus"

@@ -156,7 +156,6 @@ def test_iter_texts_round_robin_until_max_bytes(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def corpus_sources() -> list[SourceConfig]:
-    assert CORPUS.is_dir(), f"corpus not found at {CORPUS}; set SEQBOAT_CORPUS_DIR"
     return [SourceConfig(path=str(path)) for path in sorted(CORPUS.glob("*.txt"))]
 
 
@@ -176,8 +175,8 @@ def test_sentencepiece_is_lossless_on_the_corpus(corpus_tokenizer, corpus_source
     docs = []
     for src in corpus_sources:
         stream = (example["text"] for example in open_source(src))
-        # sotu: one speech per line; every 10th spans 1790-2021, short and very long lines.
-        docs += list(stream)[::10] if "sotu" in str(src.path) else itertools.islice(stream, 1000)
+        # sotu: one speech per line, one of them longer than sentencepiece's sentence limit.
+        docs += itertools.islice(stream, 1000)
     assert max(len(doc.encode()) for doc in docs) > 50_000
     for doc in docs:
         assert_lossless(corpus_tokenizer, doc)

@@ -1,8 +1,8 @@
 """Unit tests of the SeqBoat model against independent float64 reference computations.
 
-Every reference below is written from the maths in SEQBOAT.md (§3-§7), not by calling the
-code under test: sequential recurrences for the EMA, Python loops / dense [M, M] masked
-attention for the GAU, explicit gathers for compress / extract.
+Every reference below is written from the maths of the SeqBoat paper (arXiv:2306.11197), not
+by calling the code under test: sequential recurrences for the EMA, Python loops / dense
+[M, M] masked attention for the GAU, explicit gathers for compress / extract.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-# =========================================================================== EMA (§4)
+# =========================================================================== EMA
 
 
 def make_ema(channels: int = 5, ndim: int = 6, truncation: int | None = None) -> DampedEMA:
@@ -218,7 +218,7 @@ def test_ema_gradient_matches_recurrence():
     assert rel_err(g_fft, x.grad) < 1e-10
 
 
-# ============================================================ compress / extract (§6)
+# ============================================================ compress / extract
 
 
 def random_activation(length: int, counts: list[int], gen: torch.Generator) -> torch.Tensor:
@@ -312,7 +312,7 @@ def test_compress_extract_gradients():
         assert torch.equal(y.grad[:, b], expected)
 
 
-# ======================================================================== router (§5)
+# ======================================================================== router
 
 
 def test_router_decision_independent_of_temperature():
@@ -419,7 +419,7 @@ def test_layer_router_gets_gradient_only_through_gate():
     assert layer.hx_proj.weight.grad[2:].abs().max() > 0
 
 
-# ====================================================================== GAU (§7)
+# ====================================================================== GAU
 
 
 def rotary_reference(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -576,7 +576,7 @@ def test_rotary_positions_matter():
     assert rel_err(c, a) > 1e-4
 
 
-# ======================================================================= layer (§3)
+# ======================================================================= layer
 
 
 def layer_reference(layer: SeqBoatLayer, x: torch.Tensor, routing: str):

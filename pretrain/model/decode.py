@@ -1,4 +1,4 @@
-"""Incremental decoding with O(1) state per SeqBoat layer (SEQBOAT.md §11.2).
+"""Incremental decoding with O(1) state per SeqBoat layer.
 
 A layer keeps the EMA state [B, D, N] and a ring buffer of the keys, values, original
 positions and activated-token indices of its last ``window`` activated tokens. One step

@@ -1,6 +1,6 @@
 """Multi-dimensional damped EMA (MEGA-style), the SSM that runs over every token.
 
-Per channel c and state n (SEQBOAT.md §4):
+Per channel c and state n (the SeqBoat paper, arXiv:2306.11197, after MEGA):
     h_t = p * beta * x_t + q * h_{t-1},   q = 1 - p * d
     y_t = (1/sqrt N) * sum_n eta * h_t + omega * x_t
 

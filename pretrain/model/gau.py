@@ -1,9 +1,9 @@
 """Single-head Gated Attention Unit with causal local attention over compressed tokens.
 
 Token i of the compressed sequence attends to itself and the previous ``window`` activated
-tokens (SEQBOAT.md §7). Queries are processed in blocks of ``window``; each block's keys are
-that block and the one before it, so the score tensor is [B, M/w, w, 2w]: linear in the
-sequence length, never [M, M].
+tokens (the SeqBoat paper, arXiv:2306.11197). Queries are processed in blocks of ``window``;
+each block's keys are that block and the one before it, so the score tensor is
+[B, M/w, w, 2w]: linear in the sequence length, never [M, M].
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Initialisers of the reference implementation (SEQBOAT.md §12.4)."""
+"""Initialisers of the reference implementation (github.com/renll/SeqBoat)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One SeqBoat layer (causal), SEQBOAT.md §3.1:
+"""One SeqBoat layer (causal), as in the SeqBoat paper (arXiv:2306.11197):
 
     xn = norm(x)                          (pre-norm; post-norm normalises the output instead)
     m  = dropout(silu(EMA(xn)))

@@ -84,7 +84,7 @@ class LanguageModel(nn.Module):
                 {str(i): layer for i, layer in zip(self.stage.layers, layers, strict=True)}
             )
         )
-        # Pre-norm stacks end with a norm (SEQBOAT.md §9.1); post-norm layers end normalised.
+        # Pre-norm stacks end with a norm (as the reference LM); post-norm layers end normalised.
         self.final_norm = self._make_final_norm() if last else None
         self.head = (
             None

@@ -1,9 +1,9 @@
 """Sparse Modular Activation: the latent configurator (router) and compress / extract.
 
 The router reads two logits per token (skip, activate) and returns a hard decision and a
-differentiable gate (SEQBOAT.md §5). Compress packs the activated tokens of each sequence
-to the front of a shorter buffer; extract scatters results back (§6). Everything is
-sequence-major: a token axis first, then the batch.
+differentiable gate (the SeqBoat paper, arXiv:2306.11197). Compress packs the activated
+tokens of each sequence to the front of a shorter buffer; extract scatters results back.
+Everything is sequence-major: a token axis first, then the batch.
 """
 
 from __future__ import annotations
