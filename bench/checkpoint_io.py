@@ -2,9 +2,10 @@
 bigger shape, on 1, 2 (TP 2 or DP 2) and optionally 4 (TP 2 x DP 2) gloo processes on CPU.
 
 Each case builds the SeqBoat language model (fp32) with AdamW state (one step on random
-gradients), then times ``save_checkpoint`` (model + optimizer through dist_checkpointing,
-the per-rank file, checksums, publication) and ``load_latest`` (checksum verification and
-the sharded load) into freshly built modules; the slowest rank's time is reported. Bytes per
+gradients), then times the Trainer's ``Checkpointer``: ``save`` (model + optimizer through
+dist_checkpointing, the per-rank file, checksums, publication) and ``restore`` (checksum
+verification, the sharded load into the model and optimizer); the slowest rank's time is
+reported. Bytes per
 rank: the files a rank wrote (its shard file and its ``rank_XXXXX.pt``; rank 0 also the
 shared metadata).
 
@@ -17,10 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+# testing/ (helpers shared with the tests) is not installed: imported from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VOCAB = 2048
 SHAPES = {
@@ -31,78 +36,43 @@ LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2)]}  # world -> (tp, dp)
 
 
 def build(shape: str, tp_size: int):
-    """(model, optimizer, place, layout) on this rank, Adam state filled."""
+    """(model, its Checkpointer) on this rank, Adam state filled."""
     import torch
     from megatron.core import parallel_state
 
-    from parallel.sharding import Place
-    from parallel.tensor import TensorParallel, shard_state_dict
-    from pretrain.build import optimizer_for
-    from pretrain.checkpoint import Layout
-    from pretrain.config import OptimizerConfig, load_config
-    from pretrain.model.lm import LanguageModel
+    from parallel.dims import ParallelDims
+    from pretrain.build import model_chunks_for, optimizer_for
+    from pretrain.checkpointer import Checkpointer
+    from pretrain.config import load_config
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
-    tp = TensorParallel.from_parallel_state()
-    cfg = dataclasses.replace(load_config(None, []).model, **SHAPES[shape])
+    dims = ParallelDims.from_parallel_state()
+    cfg = load_config(None, [])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **SHAPES[shape]))
     torch.manual_seed(0)
-    model = LanguageModel(cfg, VOCAB)
-    if tp.active:
-        full = model.state_dict()
-        model = LanguageModel(cfg, VOCAB, tp)
-        model.load_state_dict(shard_state_dict(full, model, tp))
-    optimizer = optimizer_for(model, OptimizerConfig())
+    (model,) = model_chunks_for(cfg, VOCAB, torch.device("cpu"), dims)
+    optimizer = optimizer_for(model, cfg.optimizer)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    layout = Layout(tp.rank, tp.size, 0, 1, dp_rank, dp_size)
-    return model, optimizer, Place(tp.rank, tp.size, dp_rank, dp_size), layout
+    return model, Checkpointer(model, optimizer, dims)
 
 
 def measure(shape: str, tp_size: int, repeats: int, root: Path) -> dict:
     import torch.distributed as dist
 
-    from parallel.sharding import (
-        load_model,
-        load_optimizer,
-        model_sharded_state_dict,
-        optimizer_record,
-        optimizer_sharded_state_dict,
-        spread_writes,
-    )
-    from pretrain.checkpoint import load_latest, save_checkpoint
-
-    model, optimizer, place, layout = build(shape, tp_size)
+    model, checkpointer = build(shape, tp_size)
     run_dir = root / f"{shape}-tp{tp_size}-w{dist.get_world_size()}"
     saves, loads = [], []
     for step in range(1, repeats + 1):
-        sharded = spread_writes(
-            {
-                **model_sharded_state_dict(model, place),
-                **optimizer_sharded_state_dict(optimizer, model, place),
-            },
-            place,
-        )
-        record = {"optimizer": optimizer_record(optimizer, model)}
         dist.barrier()
         start = time.perf_counter()
-        save_checkpoint(run_dir, step, record, keep_last=1, layout=layout, sharded=sharded)
+        checkpointer.save(run_dir, step, {}, keep_last=1)
         saves.append(slowest(time.perf_counter() - start))
-
-        def template(state: dict) -> dict:
-            return {
-                **model_sharded_state_dict(model, place, template=True),
-                **optimizer_sharded_state_dict(optimizer, model, place, state["optimizer"]),
-            }
-
         dist.barrier()
         start = time.perf_counter()
-        state, _ = load_latest(run_dir, layout, template)
-        load_model(model, state["sharded"])
-        load_optimizer(optimizer, model, state["optimizer"], state["sharded"])
+        checkpointer.restore(run_dir)
         loads.append(slowest(time.perf_counter() - start))
     ckpt = run_dir / "checkpoints" / f"step_{repeats:08d}"
     params = sum(p.numel() for p in model.parameters())
@@ -135,7 +105,7 @@ def owned_bytes(ckpt: Path) -> list[int]:
 
 def worker(rank: int, world: int, repeats: int, root: str) -> list[dict]:
     warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE / CUDA on CPU
-    from parallel.local import gloo_world
+    from testing.local import gloo_world
 
     results = []
     with gloo_world(rank, world):
@@ -148,7 +118,7 @@ def worker(rank: int, world: int, repeats: int, root: str) -> list[dict]:
 
 
 def main() -> None:
-    from parallel.local import run_ranks
+    from testing.local import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, nargs="+", default=[1, 2], choices=[1, 2, 4])

@@ -43,6 +43,9 @@ import time
 import warnings
 from pathlib import Path
 
+# testing/ (helpers shared with the tests) is not installed: imported from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
 MEGATRON_BINDINGS = {
     "dist_all_gather_func": "all_gather_into_tensor",
@@ -143,7 +146,7 @@ def scan_worker(rank: int, world: int, args: dict) -> dict:
 
 
 def scan_table(args: argparse.Namespace) -> None:
-    from parallel.local import run_ranks
+    from testing.local import run_ranks
 
     cp, b, d, n = args.scan_cp, args.batch, args.width, args.ndim
     print(
@@ -250,7 +253,7 @@ def trained_run(args: argparse.Namespace, scratch: Path) -> Path:
 def dispatch_table(args: argparse.Namespace) -> None:
     import torch
 
-    from pretrain.build import load_trained
+    from pretrain.checkpointer import load_trained
 
     cps = args.dispatch_cp
     print(
@@ -315,12 +318,12 @@ def step_worker(rank: int, world: int, args: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from parallel.context import ContextParallel
+    from parallel.dims import ParallelDims
     from pretrain.config import ModelConfig
     from pretrain.model.lm import LanguageModel
 
     init_context_parallel(rank, world)
-    cp = ContextParallel.from_parallel_state()
+    cp = ParallelDims.from_parallel_state().context
     cfg = ModelConfig(layers=args["layers"], width=args["width"], window=args["window"])
     # As pretrain/build.py's model_for: the single-process model from one seed, then its
     # weights in the context-parallel model.
@@ -350,7 +353,7 @@ def step_worker(rank: int, world: int, args: dict) -> dict:
 
 
 def step_table(args: argparse.Namespace) -> None:
-    from parallel.local import run_ranks
+    from testing.local import run_ranks
 
     length, batch = args.step_length, 1
     print(

@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
+
+# testing/ (helpers shared with the tests) is not installed: imported from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SEQ, MICRO, HIDDEN = 4, 1, 8
 
@@ -88,15 +93,15 @@ def worker(rank: int, world: int, micro_batches: list[int], forward_ms: float, s
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from parallel.local import gloo_world
     from parallel.pipeline import PipelinePlace, pipeline_step
+    from testing.local import gloo_world
 
     fixed_cost = _layer_cls()
     fixed_cost.forward_s, fixed_cost.spin = forward_ms / 1000, spin
     rows = []
     with gloo_world(rank, world):
         parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world)
-        place = PipelinePlace.from_parallel_state(world)
+        place = PipelinePlace.build(world, world, dist.get_rank())
         stage = _stage_cls(fixed_cost)(place.is_first, place.is_last)
         for m in micro_batches:
             batches = [torch.randn(SEQ, MICRO, HIDDEN) for _ in range(m)]
@@ -130,7 +135,7 @@ def main() -> None:
     parser.add_argument("--spin", action="store_true", help="busy-wait instead of sleeping")
     args = parser.parse_args()
 
-    from parallel.local import run_ranks
+    from testing.local import run_ranks
 
     step_ms = 3 * args.forward_ms
     print(f"1F1B bubble, fixed cost per stage: forward {args.forward_ms:g} ms, backward "

@@ -1,5 +1,5 @@
 """What a preemption costs a Slurm job of the tiny config, on a private local cluster
-(tests/slurm_cluster.py: slurmctld and slurmd on this host; needs root and Slurm).
+(testing/slurm_cluster.py: slurmctld and slurmd on this host; needs root and Slurm).
 
 One job is submitted with ``seqboat slurm submit`` (W&B offline, one metrics record per
 step) and, at chosen steps, told to stop the way Slurm warns before a time limit or a
@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.slurm_cluster: the cluster the tests use
+sys.path.insert(0, str(REPO))  # testing.slurm_cluster: the cluster the tests use
 
-from parallel.local import free_ports  # noqa: E402
 from pretrain.config import parse_yaml  # noqa: E402
 from pretrain.monitor import read_metrics  # noqa: E402
-from tests.slurm_cluster import FINISHED, slurm_cluster, unavailable_reason  # noqa: E402
+from testing.local import free_ports  # noqa: E402
+from testing.slurm_cluster import FINISHED, slurm_cluster, unavailable_reason  # noqa: E402
 
 POLL_S = 0.02
 

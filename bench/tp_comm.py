@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import time
 import warnings
+from pathlib import Path
+
+# testing/ (helpers shared with the tests) is not installed: imported from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ZDIM = 64
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
@@ -58,14 +63,15 @@ def worker(rank: int, world: int, args: dict) -> dict:
     from megatron.core import parallel_state
 
     from parallel import cpu_compat
-    from parallel.tensor import TensorParallel, shard_state_dict
+    from parallel.dims import ParallelDims
+    from parallel.tensor import shard_state_dict
     from pretrain.config import ModelConfig
     from pretrain.model.layer import SeqBoatLayer
 
     cpu_compat.install()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    tp = TensorParallel.from_parallel_state(sequence_parallel=args["sp"])
+    tp = ParallelDims.from_parallel_state(sequence_parallel=args["sp"]).tensor
     cfg = ModelConfig(
         width=args["width"], zdim=ZDIM, hdim=2 * args["width"], window=args["window"],
         act_bias=args["act_bias"],
@@ -139,7 +145,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from parallel.local import run_ranks
+    from testing.local import run_ranks
 
     print(
         f"one SeqBoat layer, L={args.length}, B={args.batch}, D={args.width}, H={2 * args.width}, "

@@ -19,11 +19,15 @@ Padding: ZeRO-1/2 pad each parameter group to a multiple of 2 x DP elements.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+# testing/ (helpers shared with the tests) is not installed: imported from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from parallel.local import run_ranks
+from testing.local import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +57,10 @@ def build_model(config: str):
 
 def measure(rank: int, world: int, config: str, precisions: list[str]) -> list[dict]:
     """One row per (stage, precision) on this rank: measured optimizer-state bytes."""
-    from parallel.local import gloo_world
-    from parallel.zero import MegatronGroups, ZeroEngine
+    from parallel.zero import ZeroEngine, ZeroOptions
     from pretrain.build import optimizer_for
+    from testing.local import gloo_world
+    from testing.zero_state import optimizer_state_bytes
 
     rows = []
     with gloo_world(rank, world):
@@ -78,15 +83,14 @@ def measure(rank: int, world: int, config: str, precisions: list[str]) -> list[d
                         if torch.is_tensor(t) and k != "step"
                     )
                 else:
+                    options = ZeroOptions(stage, 1, 1, clip_grad=1.0, precision=precision)
                     zero = ZeroEngine.build(
-                        model, opt, None, stage=stage, micro_batch_size=1, grad_accum_steps=1,
-                        clip_grad=1.0, precision=precision, groups=MegatronGroups(),
-                        external_params=[(model, model.embedding.weight)],
-                    )  # fmt: skip
+                        model, opt, None, options, external_params=[(model, model.embedding.weight)]
+                    )
                     # Adam allocates its moments at the first step: one tiny step.
                     zero.backward(zero.module.loss(torch.zeros(1, 9, dtype=torch.long))[0])
                     zero.step()
-                    got = zero.optimizer_state_bytes()
+                    got = optimizer_state_bytes(zero)
                 rows.append({"stage": stage, "precision": precision, "numel": numel, "bytes": got})
     return rows
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -21,3 +23,12 @@ def all_reduce_coalesced(
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def broadcast_object(obj: Any, distributed: bool) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself on one process)."""
+    if not distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

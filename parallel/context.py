@@ -26,16 +26,6 @@ class ContextParallel:
     def active(self) -> bool:
         return self.size > 1
 
-    @classmethod
-    def from_parallel_state(cls, dispatch: str = "off") -> ContextParallel:
-        from megatron.core import parallel_state
-
-        return cls(
-            size=parallel_state.get_context_parallel_world_size(),
-            rank=parallel_state.get_context_parallel_rank(),
-            dispatch=dispatch,
-        )
-
     def group(self) -> dist.ProcessGroup:
         from megatron.core import parallel_state
 
@@ -70,6 +60,3 @@ class ContextParallel:
     def positions(self, length: int, device: torch.device) -> Tensor:
         """Original positions of this rank's ``length`` local tokens."""
         return torch.arange(self.rank * length, (self.rank + 1) * length, device=device)
-
-
-SINGLE_CONTEXT = ContextParallel()

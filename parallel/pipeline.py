@@ -5,7 +5,7 @@ megatron's interleaved convention, virtual chunk ``v`` of pipeline rank ``r`` is
 ``v * pipeline + r``: rank 0 holds chunks 0, P, 2P, ..., so an activation visits every rank
 once per virtual round. The first model chunk also holds the embedding, the last one the
 final norm, head and loss (and, with a tied head, a copy of the embedding weight whose
-gradient ``sync_tied_grads`` sums with the first stage's).
+gradient ``parallel.grads.sync_tied_grads`` sums with the first stage's).
 
 The schedules are megatron-core's (1F1B, interleaved 1F1B); this module only adapts them:
 a ``ModelParallelConfig`` for the p2p traffic (shape ``[seq/cp(/tp), micro batch, hidden]``
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallel import cpu_compat
-from parallel.comm import all_reduce_coalesced
+from parallel.dims import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -107,22 +107,6 @@ class PipelinePlace:
             for c in (v * size + rank for v in range(virtual_size))
         )
         return cls(size=size, rank=rank, virtual_size=virtual_size, stages=stages)
-
-    @classmethod
-    def from_parallel_state(
-        cls, num_layers: int, virtual_size: int = 1, stage_layers: Sequence[int] = ()
-    ) -> PipelinePlace:
-        """From megatron-core's initialized pipeline group (the virtual size is ours to
-        choose: the schedules read it from the config ``pipeline_step`` builds)."""
-        from megatron.core import parallel_state
-
-        return cls.build(
-            num_layers,
-            parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_rank(),
-            virtual_size,
-            stage_layers,
-        )
 
 
 def _schedule_config(
@@ -206,7 +190,7 @@ def pipeline_step(
     ``[seq_length / cp (/ tp under sequence parallelism), micro_batch_size, hidden_size]``
     in ``dtype``. Gradients accumulate as those of the mean loss over the micro-batches.
     Returns that mean loss (detached) on the last pipeline stage, None elsewhere; gradient
-    reduction over data/tensor ranks and ``sync_tied_grads`` are left to the caller."""
+    reduction (``parallel.grads``) is left to the caller."""
     if len(chunks) != len(place.stages):
         raise ValueError(f"{len(chunks)} model chunks for {len(place.stages)} stages")
     m = len(micro_batches)
@@ -277,18 +261,12 @@ def broadcast_loss(loss: Tensor | None, place: PipelinePlace, device: torch.devi
     return value
 
 
-def sync_tied_grads(weights: Sequence[nn.Parameter], place: PipelinePlace) -> None:
-    """Sums the gradients of a weight tied between the first and the last stage (the word
-    embedding and its copy used by the head) over megatron-core's embedding group, so both
-    copies step identically. ``weights``: this rank's copies (empty on middle stages, or
-    everywhere when the head is untied). A no-op without a pipeline."""
-    if not place.active or not weights:
-        return
-    from megatron.core import parallel_state
-
-    if not parallel_state.is_rank_in_embedding_group():
-        raise ValueError("only the first and last pipeline stages hold a tied weight")
-    grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
-    all_reduce_coalesced(grads, parallel_state.get_embedding_group())
-    for w, g in zip(weights, grads, strict=True):
-        w.grad = g
+def merge_over_stages(state: dict[str, Any], dims: ParallelDims) -> dict[str, Any]:
+    """The union of the pipeline stages' ``state`` dicts, keyed by global names (a tied
+    copy equals its original). Collective over the pipeline group; ``state`` itself without
+    a pipeline."""
+    if dims.pp_size == 1:
+        return state
+    parts: list[Any] = [None] * dims.pp_size
+    dist.all_gather_object(parts, state, group=dims.pp_group())
+    return {k: v for part in parts for k, v in part.items()}

@@ -1,7 +1,7 @@
 """Tensor parallelism as SeqBoat needs it, built from megatron-core's layers and mappings.
 
-A model takes a ``TensorParallel`` (``None`` or size 1: plain single-process modules, no
-process group needed). With size > 1 the factories return megatron-core's
+A model takes a ``TensorParallel`` (``ParallelDims.tensor``; the default, size 1: plain
+single-process modules, no process group needed). With size > 1 the factories return megatron-core's
 Column/RowParallelLinear and VocabParallelEmbedding, and the region functions are
 megatron-core's autograd mappings; with size 1 they are the identity.
 
@@ -17,7 +17,6 @@ Regions used by a SeqBoat layer (the table in README.md, "Parallel training"):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallel.comm import all_reduce_coalesced
-from parallel.layout import holds_partial_grad, is_split
+from parallel.layout import is_split
 
 
 @dataclass(frozen=True)
@@ -41,17 +39,6 @@ class TensorParallel:
     def active(self) -> bool:
         return self.size > 1
 
-    @classmethod
-    def from_parallel_state(cls, sequence_parallel: bool = False) -> TensorParallel:
-        from megatron.core import parallel_state
-
-        size = parallel_state.get_tensor_model_parallel_world_size()
-        return cls(
-            size=size,
-            rank=parallel_state.get_tensor_model_parallel_rank(),
-            sequence_parallel=sequence_parallel and size > 1,
-        )
-
     def group(self) -> dist.ProcessGroup:
         from megatron.core import parallel_state
 
@@ -65,9 +52,6 @@ class TensorParallel:
     def channel_slice(self, width: int) -> slice:
         part = self.local(width)
         return slice(self.rank * part, (self.rank + 1) * part)
-
-
-SINGLE = TensorParallel()
 
 
 def _megatron_config(tp: TensorParallel, sequence_parallel: bool):
@@ -114,12 +98,12 @@ def _row_cls():
 
 
 def column_linear(
-    d_in: int, d_out: int, tp: TensorParallel | None, bias: bool = True,
+    d_in: int, d_out: int, tp: TensorParallel, bias: bool = True,
     sequence_parallel: bool = False,
 ) -> nn.Module:  # fmt: skip
     """Output features split over the group; the input is whole (or sequence-sharded under
     ``sequence_parallel``, then gathered inside)."""
-    if tp is None or not tp.active:
+    if not tp.active:
         return nn.Linear(d_in, d_out, bias=bias)
     return _column_cls()(
         d_in, d_out, config=_megatron_config(tp, sequence_parallel), init_method=_no_init,
@@ -128,12 +112,12 @@ def column_linear(
 
 
 def row_linear(
-    d_in: int, d_out: int, tp: TensorParallel | None, bias: bool = True,
+    d_in: int, d_out: int, tp: TensorParallel, bias: bool = True,
     sequence_parallel: bool = False,
 ) -> nn.Module:  # fmt: skip
     """Input features split over the group; the output is all-reduced (reduce-scattered
     along the sequence under ``sequence_parallel``)."""
-    if tp is None or not tp.active:
+    if not tp.active:
         return nn.Linear(d_in, d_out, bias=bias)
     return _row_cls()(
         d_in, d_out, config=_megatron_config(tp, sequence_parallel), init_method=_no_init,
@@ -141,9 +125,9 @@ def row_linear(
     )  # fmt: skip
 
 
-def vocab_embedding(vocab: int, width: int, tp: TensorParallel | None) -> nn.Module:
+def vocab_embedding(vocab: int, width: int, tp: TensorParallel) -> nn.Module:
     """Embedding rows split over the group (vocab-parallel)."""
-    if tp is None or not tp.active:
+    if not tp.active:
         return nn.Embedding(vocab, width)
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
@@ -153,25 +137,25 @@ def vocab_embedding(vocab: int, width: int, tp: TensorParallel | None) -> nn.Mod
     )  # fmt: skip
 
 
-def embed(embedding: nn.Module, tokens: Tensor, tp: TensorParallel | None) -> Tensor:
+def embed(embedding: nn.Module, tokens: Tensor, tp: TensorParallel) -> Tensor:
     """tokens [B, L] -> [L, B, D] ([L/tp, B, D] under sequence parallelism)."""
-    if tp is not None and tp.sequence_parallel:
+    if tp.sequence_parallel:
         return embedding(tokens)  # megatron transposes and reduce-scatters itself
     return embedding(tokens.t())
 
 
-def lm_logits(h: Tensor, weight: Tensor, tp: TensorParallel | None) -> Tensor:
+def lm_logits(h: Tensor, weight: Tensor, tp: TensorParallel) -> Tensor:
     """h [L(/tp), B, D] -> this rank's vocabulary slice of the logits [L, B, V/tp]."""
-    if tp is not None and tp.active:
+    if tp.active:
         h = gather_sequence(h, tp) if tp.sequence_parallel else copy_to_group(h, tp)
     return F.linear(h, weight)
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, tp: TensorParallel | None) -> Tensor:
+def cross_entropy(logits: Tensor, targets: Tensor, tp: TensorParallel) -> Tensor:
     """logits [L, B, V(/tp)], targets [L, B] -> per-token loss [L, B] (float32 or wider)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    if tp is not None and tp.active:
+    if tp.active:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(logits, targets)
@@ -183,9 +167,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, tp: TensorParallel | None) ->
 # --------------------------------------------------------------------------- regions
 
 
-def copy_to_group(x: Tensor, tp: TensorParallel | None) -> Tensor:
+def copy_to_group(x: Tensor, tp: TensorParallel) -> Tensor:
     """Forward identity, backward all-reduce: a replicated tensor used by split compute."""
-    if tp is None or not tp.active:
+    if not tp.active:
         return x
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
@@ -209,21 +193,21 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def enter_channel_split(h: Tensor, tp: TensorParallel | None) -> Tensor:
+def enter_channel_split(h: Tensor, tp: TensorParallel) -> Tensor:
     """[L(/tp), B, D] -> [L, B, D/tp]: the whole sequence, this rank's channels.
 
     Each rank's gradient covers only its channels; the backward of the gather (reduce-
     scatter) or of the copy (all-reduce) sums them into the complete gradient.
     """
-    if tp is None or not tp.active:
+    if not tp.active:
         return h
     full = gather_sequence(h, tp) if tp.sequence_parallel else copy_to_group(h, tp)
     return full[..., tp.channel_slice(full.shape[-1])]
 
 
-def gather_channels(x: Tensor, tp: TensorParallel | None) -> Tensor:
+def gather_channels(x: Tensor, tp: TensorParallel) -> Tensor:
     """[..., D/tp] -> [..., D], backward: this rank's slice (the gradient must be complete)."""
-    if tp is None or not tp.active:
+    if not tp.active:
         return x
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -238,22 +222,22 @@ def gather_sequence(x: Tensor, tp: TensorParallel, complete_grad: bool = False) 
     return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=not complete_grad)
 
 
-def scatter_sequence(x: Tensor, tp: TensorParallel | None) -> Tensor:
+def scatter_sequence(x: Tensor, tp: TensorParallel) -> Tensor:
     """[L, ...] identical on all ranks -> this rank's [L/tp, ...]; backward all-gathers."""
-    if tp is None or not tp.sequence_parallel:
+    if not tp.sequence_parallel:
         return x
     from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
     return scatter_to_sequence_parallel_region(x)
 
 
-def broadcast_decision(activated: Tensor, tp: TensorParallel | None) -> Tensor:
+def broadcast_decision(activated: Tensor, tp: TensorParallel) -> Tensor:
     """Makes every rank of the group take rank 0's routing decision.
 
     The logits are all-reduced, so they agree to the last bit on the backends we test, but
     a data-dependent branch must not rest on that: one broadcast of L x B booleans.
     """
-    if tp is None or not tp.active:
+    if not tp.active:
         return activated
     from megatron.core import parallel_state
 
@@ -266,9 +250,9 @@ class SplitDropout(nn.Dropout):
     """Dropout in a tensor-split region: each rank's part draws its own mask, from
     megatron-core's model-parallel RNG stream (different per tensor-parallel rank)."""
 
-    def __init__(self, p: float, tp: TensorParallel | None) -> None:
+    def __init__(self, p: float, split: bool) -> None:
         super().__init__(p)
-        self.split = tp is not None and tp.active
+        self.split = split  # False: a replicated region, the ordinary stream
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.split or not self.training or self.p == 0:
@@ -309,40 +293,6 @@ def gather_split(x: Tensor, dim: int, tp: TensorParallel) -> Tensor:
     return torch.cat(parts, dim)
 
 
-def sync_partial_grads(model: nn.Module, tp: TensorParallel) -> None:
-    """Sums, over the tensor group, the gradients each rank holds only part of: weights
-    applied to sequence shards (norms, row biases; megatron-core's ``sequence_parallel``)
-    and replicated weights on a split activation's gradient path (``partial_grad``)."""
-    if not tp.active:
-        return
-    grads = [
-        p.grad
-        for p in model.parameters()
-        if p.grad is not None and holds_partial_grad(p, tp.sequence_parallel)
-    ]
-    all_reduce_coalesced(grads, tp.group())
-
-
-def grad_norm_squared(
-    params: list[nn.Parameter],
-    tp: TensorParallel,
-    pipeline_group: dist.ProcessGroup | None = None,
-) -> Tensor:
-    """Sum of squared gradient entries over the whole (unsplit) model: split parameters
-    count on every rank, replicated ones once; with ``pipeline_group``, summed over the
-    stages too (``params`` then leaves out the copies a stage holds of another's weight)."""
-    grads = [p.grad for p in params if p.grad is not None and (is_split(p) or tp.rank == 0)]
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        total += g.detach().double().pow(2).sum()
-    if tp.active:
-        dist.all_reduce(total, group=tp.group())
-    if pipeline_group is not None:
-        dist.all_reduce(total, group=pipeline_group)
-    return total
-
-
 def full_state_dict(model: nn.Module, tp: TensorParallel) -> dict[str, Tensor]:
     """The single-process state dict, tensor-parallel shards gathered (collective over the
     tensor group); the inverse of ``shard_state_dict``."""
@@ -356,44 +306,3 @@ def full_state_dict(model: nn.Module, tp: TensorParallel) -> dict[str, Tensor]:
             tensor = gather_split(tensor, param.partition_dim, tp)
         out[name] = tensor.detach().clone()
     return out
-
-
-def split_layout(model: nn.Module) -> dict[str, int]:
-    """``{parameter name: partition dim}`` of the split parameters (the rest are whole)."""
-    return {name: p.partition_dim for name, p in model.named_parameters() if is_split(p)}
-
-
-def merge_shards(shards: list[dict[str, Tensor]], layout: dict[str, int]) -> dict[str, Tensor]:
-    """Tensor-parallel ranks' state dicts (in rank order) -> the single-process state dict."""
-    merged = {}
-    for name, tensor in shards[0].items():
-        if name.endswith("_extra_state"):
-            continue
-        if name in layout and len(shards) > 1:
-            tensor = torch.cat([s[name] for s in shards], dim=layout[name])
-        merged[name] = tensor
-    return merged
-
-
-def clip_gradients(
-    params: list[nn.Parameter],
-    max_norm: float,
-    tp: TensorParallel,
-    pipeline_group: dist.ProcessGroup | None = None,
-    uncounted: list[nn.Parameter] | None = None,
-) -> float:
-    """Scales gradients so that the whole model's gradient norm is at most ``max_norm``
-    (0 = no clipping); returns the norm before clipping (inf/nan if non-finite).
-
-    Under pipeline parallelism pass the pipeline group, and in ``uncounted`` the copies of
-    a weight another stage owns (a tied head's embedding on the last stage): they are
-    scaled like the rest but counted once, by their owner."""
-    skip = {id(p) for p in uncounted or []}
-    counted = [p for p in params if id(p) not in skip]
-    norm = float(grad_norm_squared(counted, tp, pipeline_group).sqrt())
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
-    return norm

@@ -1,31 +1,26 @@
-"""Builds what a run is made of from its config: device, tokenizer, model, optimizer,
-schedule. Shared by training, evaluation, generation and plotting."""
+"""Builds what a run is made of from its config: the parallel context, device, tokenizer,
+model (this rank's chunks), optimizer, schedule and the DeepSpeed engine. Shared by
+training, evaluation, generation and plotting."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from data.tokenizer import Tokenizer, build_tokenizer
-from parallel.context import SINGLE_CONTEXT, ContextParallel
+from parallel.dims import ParallelDims
 from parallel.pipeline import PipelinePlace
-from parallel.sharding import Place, load_model, model_sharded_state_dict
-from parallel.tensor import SINGLE, TensorParallel, shard_state_dict
-from pretrain.checkpoint import (
-    SHARDED,
-    complete_checkpoints,
-    load_rank_file,
-    load_sharded,
-    read_meta,
-    verify_files,
-)
-from pretrain.config import Config, OptimizerConfig, config_from_dict, parse_yaml
+from parallel.tensor import shard_state_dict
+from parallel.world import World
+from pretrain.config import Config, ConfigError, OptimizerConfig, micro_batches_per_step
 from pretrain.model.lm import LanguageModel
+from pretrain.precision import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
+if TYPE_CHECKING:
+    from parallel.zero import ZeroEngine
 
 
 def select_device(cfg: Config) -> torch.device:
@@ -36,38 +31,57 @@ def select_device(cfg: Config) -> torch.device:
     return torch.device(cfg.train.device)
 
 
+def parallel_dims_for(cfg: Config, world: World) -> ParallelDims:
+    """This process's ``ParallelDims``: megatron-core's groups when the run needs any (more
+    than one process, a model split, or ZeRO, which needs a group even of one), else the
+    single-process value without a group. Model-parallel sizes on too few processes fail in
+    ``init_distributed``'s check, before any collective."""
+    from parallel.topology import ParallelSizes, init_distributed
+
+    p = cfg.parallel
+    sizes = ParallelSizes(tensor=p.tensor, pipeline=p.pipeline, context=p.context)
+    if world.world_size > 1 or cfg.optimizer.zero_stage or sizes.model_parallel > 1:
+        return init_distributed(
+            sizes, world, sequence_parallel=p.sequence_parallel, dispatch=p.dispatch
+        )
+    return ParallelDims.single(select_device(cfg))
+
+
 def tokenizer_for(cfg: Config) -> Tokenizer:
     return build_tokenizer(cfg.data.tokenizer, cfg.data.sources)
 
 
-def model_for(
-    cfg: Config,
-    vocab_size: int,
-    device: torch.device,
-    tp: TensorParallel = SINGLE,
-    cp: ContextParallel = SINGLE_CONTEXT,
-) -> LanguageModel:
-    """The model in its master precision (bf16 runs keep fp32 weights and autocast).
+def pipeline_place_for(cfg: Config, dims: ParallelDims) -> PipelinePlace:
+    """The model chunks this rank runs (one per virtual stage; the whole model without a
+    pipeline). Checks that a step's micro-batches fit the schedule."""
+    micro_batches_per_step(cfg, dims.dp_size)
+    p = cfg.parallel
+    virtual = p.virtual_stages if dims.pp_size > 1 else 1
+    layers = cfg.model.layers
+    return PipelinePlace.build(layers, dims.pp_size, dims.pp_rank, virtual, p.stage_layers)
 
-    Under model parallelism every rank builds the single-process model from the same seed
-    and keeps its shard, so a parallel run starts from exactly the weights of one process.
-    """
-    return model_chunks_for(cfg, vocab_size, device, tp, cp)[0]
+
+def model_for(cfg: Config, vocab_size: int, device: torch.device) -> LanguageModel:
+    """The single-process model in its master precision (bf16 runs keep fp32 weights and
+    autocast)."""
+    return model_chunks_for(cfg, vocab_size, device)[0]
 
 
 def model_chunks_for(
     cfg: Config,
     vocab_size: int,
     device: torch.device,
-    tp: TensorParallel = SINGLE,
-    cp: ContextParallel = SINGLE_CONTEXT,
+    dims: ParallelDims | None = None,
     place: PipelinePlace | None = None,
 ) -> list[LanguageModel]:
     """This rank's model chunks: one per stage of ``place`` (pipeline parallelism; several
-    with virtual stages), else the one model. Each holds its shard of the single-process
-    model built from the seed, keyed like it (``shard_state_dict`` takes the keys it has)."""
+    with virtual stages), else the one model. Every rank builds the single-process model
+    from the same seed and keeps its shard (``shard_state_dict`` takes the keys each chunk
+    has), so a parallel run starts from exactly the weights of one process."""
+    dims = dims or ParallelDims.single()
     model = LanguageModel(cfg.model, vocab_size)
     pipelined = place is not None and place.active
+    tp, cp = dims.tensor, dims.context
     if tp.active or cp.active or pipelined:
         full = model.state_dict()
         stages = place.stages if pipelined else [None]
@@ -112,23 +126,48 @@ def scheduler_for(
     )
 
 
-def load_trained(run_dir: Path, device: torch.device | None = None):
-    """(config, tokenizer, single-process model with the newest checkpoint's weights, step)
-    of a run, whatever the split that trained it (the sharded tensors load whole)."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = config_from_dict(parse_yaml(config_path.read_text()))
-    checkpoints = complete_checkpoints(run_dir)
-    if not checkpoints:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    ckpt = checkpoints[-1]
-    meta = read_meta(ckpt)
-    verify_files(ckpt, meta)
-    first = load_rank_file(ckpt, 0, meta)
-    device = device or select_device(cfg)
-    tokenizer = tokenizer_for(cfg)
-    model = model_for(cfg, tokenizer.vocab_size, torch.device("cpu"))
-    load_model(model, load_sharded(ckpt / SHARDED, model_sharded_state_dict(model, Place(), True)))
-    return cfg, tokenizer, model.to(device), int(first["train"]["step"])
+def zero_engine_for(
+    cfg: Config,
+    dims: ParallelDims,
+    chunks: list[LanguageModel],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> ZeroEngine:
+    """DeepSpeed ZeRO over the data x context ranks of ``model`` (this rank's ``chunks``
+    as one module); it owns gradient reduction, clipping and the optimizer step (our
+    schedule stays ours)."""
+    from parallel.zero import ZeroEngine, ZeroOptions
+
+    t = cfg.train
+    if not torch.distributed.is_initialized():
+        raise ConfigError(
+            "optimizer.zero_stage needs a process group (init_distributed; `seqboat "
+            "train` creates one, also for a single process)"
+        )
+    if dims.pp_size > 1:  # the schedule accumulates: DeepSpeed sees one batch
+        micro, accumulation = t.global_batch_size // dims.dp_size, 1
+    else:
+        micro = t.micro_batch_size
+        accumulation = micro_batches_per_step(cfg, dims.dp_size)
+    # A tied head reads the embedding weight outside the embedding's forward.
+    tied = [] if model.head is not None else [(model, model.embedding.weight)]
+    options = ZeroOptions(
+        stage=cfg.optimizer.zero_stage,
+        micro_batch_size=micro,
+        grad_accum_steps=accumulation,
+        clip_grad=cfg.optimizer.clip_grad,
+    )
+    # Copies this stage holds of a weight another stage owns: counted once in the norm.
+    copies = [] if dims.is_first_stage else [w for c in chunks for w in c.tied_weights()]
+    return ZeroEngine.build(
+        model, optimizer, scheduler, options, dims, external_params=tied, stage_copies=copies
+    )
+
+
+def shared_tokenizer(cfg: Config, dims: ParallelDims) -> Tokenizer:
+    """Rank 0 trains a missing tokenizer; the others wait and load it."""
+    tokenizer = tokenizer_for(cfg) if dims.is_main else None
+    if dims.distributed:
+        torch.distributed.barrier()
+    return tokenizer if tokenizer is not None else tokenizer_for(cfg)

@@ -8,7 +8,7 @@ Layout of ``<run_dir>/checkpoints``::
             __1_0.distcp    (whole tensors' layout: loads into any tensor/context/data split)
             .metadata, common.pt, metadata.json
         rank_00000.pt     each rank's other state: optimizer record, scheduler, data loader,
-        rank_00001.pt     RNG, train counters and W&B run id, layout (``torch.save``)
+        rank_00001.pt     RNG, train counters and W&B run id (``torch.save``)
         meta.json         written last, by rank 0: step, layout, sha256 of EVERY file above
     latest                name of the newest complete checkpoint (moved last)
 
@@ -22,6 +22,9 @@ reported by name; loading then falls back to the previous complete checkpoint.
 Test hook: ``SEQBOAT_CHECKPOINT_PAUSE=<step>:<path>`` makes the save of that step stop
 after this rank's files are written, create ``<path>.rank<N>`` (holding its pid), and wait
 until ``<path>`` exists -- a deterministic moment to kill a rank in the middle of a save.
+
+Over 400 lines on purpose: the format's guarantees (write order, fsyncs, checksums,
+publication, fallback on load) hold only together, and are reviewed together here.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,33 +71,12 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How a run is split: this rank's coordinates and the sizes (megatron-core's rank order
-    tp-cp-dp-pp, so global rank = tp + tp_size * (cp + cp_size * (dp + dp_size * pp)))."""
-
-    tp_rank: int = 0
-    tp_size: int = 1
-    cp_rank: int = 0
-    cp_size: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-    pp_rank: int = 0
-    pp_size: int = 1
-
-    def sizes(self) -> dict[str, int]:
-        return {
-            "tp_size": self.tp_size, "cp_size": self.cp_size, "dp_size": self.dp_size,
-            "pp_size": self.pp_size,
-        }  # fmt: skip
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
     state: dict[str, Any],
     keep_last: int = 0,
-    layout: Layout | None = None,
+    sizes: dict[str, int] | None = None,
     sharded: dict[str, Any] | None = None,
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -131,7 +112,7 @@ def save_checkpoint(
             "format": FORMAT_VERSION,
             "step": step,
             "world_size": world_size,
-            "layout": (layout or Layout(dp_size=world_size)).sizes(),
+            "layout": sizes or _data_parallel_only(world_size),
             "sharded": sharded is not None,
             "sha256": dict(sorted(checksums.items())),
         }
@@ -278,7 +259,7 @@ def remove_partial(run_dir: Path) -> list[Path]:
 
 
 def load_latest(
-    run_dir: Path, layout: Layout | None = None, template: Template | None = None
+    run_dir: Path, sizes: dict[str, int] | None = None, template: Template | None = None
 ) -> tuple[dict[str, Any], Path] | None:
     """This rank's state in the newest checkpoint every rank can use, or None if none exists.
 
@@ -299,7 +280,7 @@ def load_latest(
     for ckpt in reversed(candidates):
         state, error = None, None
         try:
-            state = load_checkpoint(ckpt, layout, template)
+            state = load_checkpoint(ckpt, sizes, template)
         except CheckpointError as e:
             error = str(e)
         failures = list(dict.fromkeys(e for e in _gather(error) if e is not None))
@@ -315,17 +296,17 @@ def load_latest(
 
 
 def load_checkpoint(
-    ckpt: Path, layout: Layout | None = None, template: Template | None = None
+    ckpt: Path, sizes: dict[str, int] | None = None, template: Template | None = None
 ) -> dict[str, Any]:
     """The state this rank resumes from: its own file when the layout is the one saved,
     else rank 0's (the per-rank state is then not this rank's: ``elastic``); with a
     ``template``, plus the sharded tensors under ``"sharded"``. Every file's checksum is
     verified first. Collective: the ranks agree on any failure before loading shards."""
     rank, world_size = _rank_and_world()
-    layout = layout or Layout()
+    sizes = sizes or _data_parallel_only(world_size)
     meta = read_meta(ckpt)
     _agree(lambda: verify_files(ckpt, meta, rank, world_size))
-    same = meta["layout"] == layout.sizes() and meta["world_size"] == world_size
+    same = meta["layout"] == sizes and meta["world_size"] == world_size
     source = rank if same else 0
     state = _agree(lambda: load_rank_file(ckpt, source, meta))
     state["elastic"] = not same
@@ -400,6 +381,11 @@ def load_rank_file(ckpt: Path, rank: int, meta: dict[str, Any]) -> dict[str, Any
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
         raise CheckpointError(f"{path}: cannot be loaded ({e})") from None
+
+
+def _data_parallel_only(world_size: int) -> dict[str, int]:
+    """The split of a run whose ranks all hold the whole model (the ``sizes`` default)."""
+    return {"tp_size": 1, "cp_size": 1, "dp_size": world_size, "pp_size": 1}
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -135,27 +135,21 @@ def _run_dir(args: argparse.Namespace) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     """One process, or one rank of a torchrun / srun launch (the world comes from the
     launcher's environment)."""
-    from parallel.topology import ParallelSizes, detect_world, init_distributed, shutdown
+    from parallel.topology import shutdown
+    from parallel.world import detect_world
+    from pretrain.build import parallel_dims_for
     from pretrain.train import Preempted, Trainer
 
     cfg = _config(args)
     world = detect_world()
-    topology = None
-    sizes = ParallelSizes(
-        tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, context=cfg.parallel.context
-    )
-    # ZeRO needs a process group, even of one; model-parallel sizes on too few processes
-    # fail in init_distributed's check, before any collective.
-    if world.world_size > 1 or cfg.optimizer.zero_stage or sizes.model_parallel > 1:
-        topology = init_distributed(sizes, world)
+    dims = parallel_dims_for(cfg, world)
+    # shutdown() is a no-op without a process group.
     try:
-        result = Trainer(cfg, progress=not args.no_progress, topology=topology).train()
+        result = Trainer(cfg, progress=not args.no_progress, dims=dims).train()
     except Preempted:
-        if topology is not None:  # every rank stopped at the same step: the barrier is safe
-            shutdown()
+        shutdown()  # every rank stopped at the same step: the barrier is safe
         raise
-    if topology is not None:  # not on failure: a barrier would wait for the ranks that died
-        shutdown()
+    shutdown()  # not on failure: a barrier would wait for the ranks that died
     if world.rank == 0:
         v = result.val
         print(
@@ -176,7 +170,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from data.loader import validation_samples
-    from pretrain.build import load_trained
+    from pretrain.checkpointer import load_trained
     from pretrain.evaluate import evaluate
 
     cfg, tok, model, step = load_trained(_run_dir(args))
@@ -190,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from pretrain.build import load_trained
+    from pretrain.checkpointer import load_trained
     from pretrain.model.decode import generate
 
     _, tok, model, _ = load_trained(_run_dir(args))

@@ -3,6 +3,9 @@
 The dataclass defaults *are* the embedded default run (``configs/tiny.yaml`` mirrors them,
 and a test keeps the two equal), so ``seqboat train`` with no arguments needs no file.
 Every problem is reported up front as one ``ConfigError`` naming the key.
+
+Over 400 lines on purpose: every key's type, default and validation rule sit in this one
+file, so that a reader checking a key finds all three together.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from typing import Any
 import yaml
 
 from data.config import DataConfig, SourceConfig, TokenizerConfig
-from pretrain.model.gau import ATTENTION_FNS, POSITION_KINDS
-from pretrain.model.norm import NORM_KINDS
+
+# The choices the model implements (pretrain/model/gau.py, norm.py); declared here, with the
+# config, so that the model imports the config and never the other way round.
+ATTENTION_FNS = ("softmax", "relu2")
+POSITION_KINDS = ("rotary", "simple", "local", "none")
+NORM_KINDS = ("layernorm", "rmsnorm", "scalenorm")
 
 
 class ConfigError(ValueError):
@@ -358,11 +365,7 @@ def validate(cfg: Config) -> None:
         )
     if m.ema_truncation is not None and m.ema_truncation <= 0:
         raise ConfigError(f"model.ema_truncation must be positive or null, got {m.ema_truncation}")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({t.micro_batch_size})"
-        )
+    micro_batches_per_step(cfg, data_parallel=1)
     if not 0.0 <= o.min_lr <= o.lr:
         raise ConfigError(f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr={o.lr}]")
     if o.clip_grad < 0:
@@ -486,3 +489,25 @@ __all__ = [
     "load_config",
     "save_config",
 ]
+
+
+def micro_batches_per_step(cfg: Config, data_parallel: int) -> int:
+    """Micro-batches each data-parallel rank runs per step: ``global_batch_size /
+    (micro_batch_size x data_parallel)``; a ``ConfigError`` if that does not divide, or if
+    the interleaved pipeline schedule cannot take that many (a multiple of the pipeline
+    size). The one place these rules live: config validation, the Trainer and the Slurm
+    submission (which knows the data-parallel size before the job runs) all ask here."""
+    t, p = cfg.train, cfg.parallel
+    if t.global_batch_size % (t.micro_batch_size * data_parallel):
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {data_parallel})"
+        )
+    micro_batches = t.global_batch_size // (t.micro_batch_size * data_parallel)
+    if p.pipeline > 1 and p.virtual_stages > 1 and micro_batches % p.pipeline:
+        raise ConfigError(
+            f"the interleaved pipeline needs micro-batches per step ({micro_batches} = "
+            "train.global_batch_size / (micro_batch_size x data-parallel size)) to be a "
+            f"multiple of parallel.pipeline ({p.pipeline})"
+        )
+    return micro_batches

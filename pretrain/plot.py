@@ -50,7 +50,7 @@ def activation_heatmap(run_dir: Path, tokens: int) -> torch.Tensor | None:
     """[layers, tokens] activation decisions on the first validation sample, or None for a
     model without a router."""
     from data.loader import validation_samples
-    from pretrain.build import load_trained
+    from pretrain.checkpointer import load_trained
 
     cfg, tok, model, _ = load_trained(run_dir, torch.device("cpu"))
     if cfg.model.arch != "seqboat":

@@ -2,7 +2,7 @@
 
 ``render`` turns a ``SlurmJob`` into an sbatch script that starts one ``python -m pretrain
 train`` task per GPU with ``srun`` (ranks find each other from srun's variables, see
-``parallel.topology``; no torchrun) and keeps the run going across time limits and crashes:
+``parallel.world``; no torchrun) and keeps the run going across time limits and crashes:
 
 * ``--signal=B:USR1@<grace>`` reaches the batch shell only; the shell forwards it to the
   step, the trainer finishes its step, saves and exits with ``REQUEUE_EXIT_CODE``, and the
@@ -14,6 +14,9 @@ train`` task per GPU with ``srun`` (ranks find each other from srun's variables,
 Every user value is either checked against Slurm's syntax (what goes into ``#SBATCH``
 lines) or shell-quoted (what goes into commands): config paths and overrides are arbitrary
 strings and reach the trainer as single, verbatim arguments.
+
+Over 400 lines on purpose: render, submit and status share one job model (``SlurmJob``, its
+validation and the rendered shell text), which is read as a whole when a job misbehaves.
 """
 
 from __future__ import annotations
@@ -247,21 +250,19 @@ def run_dir_of(job: SlurmJob) -> Path:
     against the job's task count: a typo in an override or a split that does not fit the
     allocation fails here rather than after hours in the queue."""
     from parallel.topology import ParallelSizes  # with the config: imports torch
-    from pretrain.config import load_config
+    from pretrain.config import ConfigError, load_config, micro_batches_per_step
 
     cfg = load_config(job.config, job.overrides)
-    p, t = cfg.parallel, cfg.train
+    p = cfg.parallel
     world = job.nodes * job.ntasks_per_node
     try:
         data = ParallelSizes(tensor=p.tensor, pipeline=p.pipeline, context=p.context).data(world)
     except ValueError as e:
         raise SlurmError(f"{job.nodes} node(s) x {job.ntasks_per_node} task(s): {e}") from None
-    if t.global_batch_size % (t.micro_batch_size * data):
-        raise SlurmError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {data}, "
-            f"{job.nodes} node(s) x {job.ntasks_per_node} task(s))"
-        )
+    try:
+        micro_batches_per_step(cfg, data)
+    except ConfigError as e:
+        raise SlurmError(f"{e} ({job.nodes} node(s) x {job.ntasks_per_node} task(s))") from None
     return cfg.run_dir
 
 

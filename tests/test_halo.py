@@ -20,7 +20,7 @@ import contextlib
 import pytest
 import torch
 
-from parallel.local import run_ranks
+from testing.local import run_ranks
 
 WORLD = 4
 
@@ -290,7 +290,7 @@ def check_bytes(group, rank: int, cp: int) -> dict:
 def worker(rank: int, world: int) -> dict:
     import warnings
 
-    from parallel.local import gloo_world
+    from testing.local import gloo_world
 
     warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE on CPU
     results: dict = {"halo": {}, "attention": {}, "bytes": None}

@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from parallel.local import run_ranks
+from testing.local import run_ranks
 
 WORLD = 4
 VOCAB = 50
@@ -128,10 +128,10 @@ def check_case(rank: int, case: tuple) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from parallel.context import ContextParallel
-    from parallel.data_parallel import average, average_gradients
+    from parallel.dims import ParallelDims
+    from parallel.grads import average, average_gradients
+    from parallel.grads import sum_partial_grads as sync_sp
     from parallel.tensor import TensorParallel, gather_split, shard_state_dict
-    from parallel.tensor import sync_partial_grads as sync_sp
     from pretrain.model.layer import SeqBoatLayer
     from pretrain.model.lm import LanguageModel
 
@@ -142,8 +142,8 @@ def check_case(rank: int, case: tuple) -> dict:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp_size, context_parallel_size=cp_size
     )
-    tp = TensorParallel.from_parallel_state(sequence_parallel=sp)
-    cp = ContextParallel.from_parallel_state(dispatch)
+    dims = ParallelDims.from_parallel_state(sequence_parallel=sp, dispatch=dispatch)
+    tp, cp = dims.tensor, dims.context
     # Gradients and losses average over every rank that sees different tokens.
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -221,12 +221,13 @@ def check_near_ties(rank: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from parallel.tensor import TensorParallel, broadcast_decision, gather_split, shard_state_dict
+    from parallel.dims import ParallelDims
+    from parallel.tensor import broadcast_decision, gather_split, shard_state_dict
     from pretrain.model.lm import LanguageModel
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    tp = TensorParallel.from_parallel_state()
+    tp = ParallelDims.from_parallel_state().tensor
     cfg = model_config({"layers": 1})
     torch.manual_seed(0)
     reference = LanguageModel(cfg, VOCAB).double()
@@ -253,7 +254,7 @@ def check_near_ties(rank: int) -> dict:
 
 
 def worker(rank: int, world: int) -> list:
-    from parallel.local import gloo_world
+    from testing.local import gloo_world
 
     with gloo_world(rank, world):
         return [check_case(rank, case) for case in CASES] + [check_near_ties(rank)]

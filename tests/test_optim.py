@@ -42,7 +42,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(tmp_path: Path) -> Non
             "model.dropout=0", "model.attention_dropout=0", "train.max_steps=3",
         )  # fmt: skip
         trainer = Trainer(cfg, progress=False)
-        losses = [trainer._train_step(collect_stats=False)[:2] for _ in range(3)]
+        losses = [trainer.train_step(collect_stats=False)[:2] for _ in range(3)]
         results.append((losses, trainer.model.state_dict()))
     (losses_a, state_a), (losses_b, state_b) = results
     for (la, ga), (lb, gb) in zip(losses_a, losses_b, strict=True):

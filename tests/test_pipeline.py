@@ -15,8 +15,8 @@ error < 1e-10 unless said otherwise:
   vocab-parallel cross-entropy computes in float32);
 * the forward-only (evaluation) loss.
 
-The tied embedding is also checked before ``sync_tied_grads``: there its gradient must be
-wrong, so the test does fail without the sync.
+The tied embedding is also checked before ``sync_tied_grads`` (parallel/grads.py): there its
+gradient must be wrong, so the test does fail without the sync.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from parallel.local import run_ranks
 from parallel.pipeline import PipelinePlace, Stage, chunk_layer_ranges
+from testing.local import run_ranks
 
 WORLD = 4
 VOCAB = 50
@@ -102,14 +102,16 @@ def small_config(layers: int, overrides: dict):
 
 
 def stage_models(cfg, place: PipelinePlace, full: dict, tp=None, cp=None) -> list:
-    from parallel.tensor import SINGLE, shard_state_dict
+    from parallel.context import ContextParallel
+    from parallel.tensor import TensorParallel, shard_state_dict
     from pretrain.model.lm import LanguageModel
 
+    tp, cp = tp or TensorParallel(), cp or ContextParallel()
     chunks = []
     for stage in place.stages:
         chunk = LanguageModel(cfg, VOCAB, tp=tp, cp=cp, stage=stage).double()
         # Stage keys are the full model's: its part is picked by key, then sharded.
-        chunk.load_state_dict(shard_state_dict(full, chunk, tp or SINGLE))
+        chunk.load_state_dict(shard_state_dict(full, chunk, tp))
         chunks.append(chunk)
     return chunks
 
@@ -172,10 +174,10 @@ def gathered_grads(chunks: list, tp) -> dict[str, torch.Tensor]:
 def check_case(rank: int, case: tuple) -> dict:
     from megatron.core import parallel_state
 
-    from parallel.context import ContextParallel
-    from parallel.data_parallel import average, average_gradients, data_parallel_group
-    from parallel.pipeline import broadcast_loss, pipeline_step, sync_tied_grads
-    from parallel.tensor import TensorParallel, gather_split, sync_partial_grads
+    from parallel.dims import ParallelDims
+    from parallel.grads import average, average_gradients, sum_partial_grads, sync_tied_grads
+    from parallel.pipeline import broadcast_loss, pipeline_step
+    from parallel.tensor import gather_split
     from parallel.topology import RANK_ORDER
     from pretrain.model.lm import LanguageModel
 
@@ -187,11 +189,11 @@ def check_case(rank: int, case: tuple) -> dict:
         tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp,
         context_parallel_size=cp_size, order=RANK_ORDER,
     )  # fmt: skip
-    tp = TensorParallel.from_parallel_state(sequence_parallel=sp)
-    cp = ContextParallel.from_parallel_state()
-    place = PipelinePlace.from_parallel_state(layers, vp, stage_layers)
+    dims = ParallelDims.from_parallel_state(sequence_parallel=sp)
+    tp, cp = dims.tensor, dims.context
+    place = PipelinePlace.build(layers, dims.pp_size, dims.pp_rank, vp, stage_layers)
     # Context-parallel ranks hold other tokens of the same rows: averaged like data ranks.
-    dp_group = data_parallel_group(with_context=True)
+    dp_group = dims.dp_group()
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     averaged = dp * cp.size
@@ -235,7 +237,7 @@ def check_case(rank: int, case: tuple) -> dict:
         """Sequence-parallel, tied and data-parallel reduction; returns the tied weight's
         error before its sync (None where this rank holds no tied copy)."""
         for chunk in chunks:
-            sync_partial_grads(chunk, tp)
+            sum_partial_grads(chunk, tp)
             average_gradients(chunk, dp_group, averaged)
         tied = [w for chunk in chunks for w in chunk.tied_weights()]
         before = None
@@ -244,7 +246,7 @@ def check_case(rank: int, case: tuple) -> dict:
             if tp.active:
                 grad = gather_split(grad, 0, tp)
             before = relative_error(grad, ref_grads["embedding.weight"])
-        sync_tied_grads(tied, place)
+        sync_tied_grads(tied, place.active)
         return before
 
     def global_value(loss, summed_over_tp: bool) -> torch.Tensor:
@@ -292,7 +294,7 @@ def check_case(rank: int, case: tuple) -> dict:
 
 
 def worker(rank: int, world: int) -> list:
-    from parallel.local import gloo_world
+    from testing.local import gloo_world
 
     with gloo_world(rank, world):
         return [check_case(rank, case) for case in CASES]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from parallel.local import run_ranks
+from testing.local import run_ranks
 
 WORLD = 4
 CHANNELS = 6
@@ -183,7 +183,7 @@ def check_case(rank: int, case: tuple) -> dict:
 def worker(rank: int, world: int) -> list:
     import warnings
 
-    from parallel.local import gloo_world
+    from testing.local import gloo_world
 
     warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE / CUDA on CPU
     with gloo_world(rank, world):

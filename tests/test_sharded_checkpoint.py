@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.local import free_ports, run_ranks
 from pretrain.checkpoint import load_checkpoint
 from pretrain.monitor import read_metrics
+from testing.local import free_ports, run_ranks
 from tests.conftest import SMALL_RUN
 
 WORLD = 4
@@ -118,26 +118,11 @@ def run_phase(index: int, run_dir: Path, reference: list[dict], saved: dict) -> 
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from parallel.context import ContextParallel
-    from parallel.data_parallel import average_gradients
-    from parallel.sharding import (
-        Place,
-        load_model,
-        load_optimizer,
-        model_sharded_state_dict,
-        optimizer_record,
-        optimizer_sharded_state_dict,
-        spread_writes,
-    )
-    from parallel.tensor import (
-        TensorParallel,
-        full_state_dict,
-        gather_split,
-        shard_state_dict,
-        sync_partial_grads,
-    )
+    from parallel.dims import ParallelDims
+    from parallel.grads import average_gradients, sum_partial_grads
+    from parallel.tensor import full_state_dict, gather_split, shard_state_dict
     from pretrain.build import optimizer_for
-    from pretrain.checkpoint import Layout, load_latest, save_checkpoint
+    from pretrain.checkpointer import Checkpointer
     from pretrain.model.lm import LanguageModel
 
     name, tp_size, cp_size = PHASES[index]
@@ -145,31 +130,19 @@ def run_phase(index: int, run_dir: Path, reference: list[dict], saved: dict) -> 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp_size, context_parallel_size=cp_size
     )
-    tp = TensorParallel.from_parallel_state()
-    cp = ContextParallel.from_parallel_state()
-    dp_rank, dp_size = (
-        parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(),
-    )
-    layout = Layout(tp.rank, tp.size, cp.rank, cp.size, dp_rank, dp_size)
-    place = Place(tp.rank, tp.size, dp_rank * cp.size + cp.rank, dp_size * cp.size)
+    dims = ParallelDims.from_parallel_state()
+    tp, cp, dp_size = dims.tensor, dims.context, dims.dp_size
     torch.manual_seed(100 + index)  # other weights than the reference's: loading must set them
     model = LanguageModel(model_config(), VOCAB, tp=tp, cp=cp).double()
     optimizer = optimizer_for(model, optimizer_config())
-
-    def template(state: dict) -> dict:
-        return {
-            **model_sharded_state_dict(model, place, template=True),
-            **optimizer_sharded_state_dict(optimizer, model, place, state["optimizer"]),
-        }
+    # By default copy 0 writes everything; or the copies share the writing.
+    checkpointer = Checkpointer(model, optimizer, dims, spread=bool(index % 2))
 
     if index == 0:
         model.load_state_dict(shard_state_dict(reference[0]["model"], model, tp))
     else:
-        state, path = load_latest(run_dir, layout, template)
-        assert path.name == f"step_{index:08d}" and state["elastic"]
-        load_model(model, state["sharded"])
-        load_optimizer(optimizer, model, state["optimizer"], state["sharded"])
+        restored = checkpointer.restore(run_dir)
+        assert restored.path.name == f"step_{index:08d}" and restored.elastic
 
     expected = reference[index]
     loaded = {"model": full_state_dict(model, tp), "adam": gathered_moments(model, optimizer, tp)}
@@ -201,7 +174,7 @@ def run_phase(index: int, run_dir: Path, reference: list[dict], saved: dict) -> 
         span, :, tp.rank * part : (tp.rank + 1) * part
     ]
     ((logits * weights).sum() * cp.size / BATCH).backward()
-    sync_partial_grads(model, tp)
+    sum_partial_grads(model, tp)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     average_gradients(model, group, dp_size * cp.size)
     optimizer.step()
@@ -214,14 +187,7 @@ def run_phase(index: int, run_dir: Path, reference: list[dict], saved: dict) -> 
     saved.clear()
     saved.update(box[0])
     errors["next_step"] = max_error(mine["model"], reference[index + 1]["model"])
-    sharded = {
-        **model_sharded_state_dict(model, place),
-        **optimizer_sharded_state_dict(optimizer, model, place),
-    }
-    if index % 2:  # by default copy 0 writes everything; or the copies share the writing
-        spread_writes(sharded, place)
-    record = {"optimizer": optimizer_record(optimizer, model)}
-    save_checkpoint(run_dir, index + 1, record, layout=layout, sharded=sharded)
+    checkpointer.save(run_dir, index + 1, {})
     return {name: errors}
 
 
@@ -247,7 +213,7 @@ def corrupt_and_fall_back(rank: int, run_dir: Path) -> dict:
 
 
 def worker(rank: int, world: int, run_dir: Path) -> dict:
-    from parallel.local import gloo_world
+    from testing.local import gloo_world
 
     reference = reference_run(len(PHASES))
     out: dict = {}
@@ -285,14 +251,14 @@ def test_a_truncated_shard_is_named_and_the_previous_checkpoint_loads(results) -
 
 def test_a_single_process_loads_a_four_rank_checkpoint(results) -> None:
     """What ``load_trained`` does: the whole model from the TP2 x CP2 checkpoint."""
-    from parallel.sharding import Place, load_model, model_sharded_state_dict
-    from pretrain.checkpoint import load_sharded
+    from parallel.dims import ParallelDims
+    from pretrain.checkpointer import Checkpointer
     from pretrain.model.lm import LanguageModel
 
     run_dir = results[1]
     model = LanguageModel(model_config(), VOCAB).double()
-    ckpt = run_dir / "checkpoints" / f"step_{len(PHASES) - 1:08d}" / "model"
-    load_model(model, load_sharded(ckpt, model_sharded_state_dict(model, Place(), True)))
+    ckpt = run_dir / "checkpoints" / f"step_{len(PHASES) - 1:08d}"
+    Checkpointer(model, None, ParallelDims.single()).load_weights(ckpt)
     expected = reference_run(len(PHASES) - 1)[-1]["model"]
     for k, v in model.state_dict().items():
         assert torch.allclose(v, expected[k], rtol=1e-10, atol=0), k

@@ -1,4 +1,4 @@
-"""On a real Slurm cluster (tests/slurm_cluster.py: slurmctld and two slurmd on this host,
+"""On a real Slurm cluster (testing/slurm_cluster.py: slurmctld and two slurmd on this host,
 one namespace per node), jobs submitted with ``seqboat slurm submit`` as a user would:
 
 * a 2-node x 2-task job trains the tiny config with TP=2 x DP=2 over gloo. Once its first
@@ -37,10 +37,9 @@ from pathlib import Path
 
 import pytest
 
-from parallel.local import free_ports
 from pretrain.monitor import read_metrics
-from tests.conftest import SMALL_RUN
-from tests.slurm_cluster import (
+from testing.local import free_ports
+from testing.slurm_cluster import (
     FINISHED,
     SlurmCluster,
     die_with_parent,
@@ -48,6 +47,7 @@ from tests.slurm_cluster import (
     slurm_cluster,
     unavailable_reason,
 )
+from tests.conftest import SMALL_RUN
 
 pytestmark = pytest.mark.slow
 

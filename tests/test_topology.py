@@ -8,17 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.local import free_ports, run_ranks
-from parallel.topology import (
-    ParallelSizes,
-    Topology,
-    World,
-    detect_world,
-    expand_nodelist,
-    init_distributed,
-    shutdown,
-    validate_sizes,
-)
+from parallel.dims import ParallelDims
+from parallel.topology import ParallelSizes, init_distributed, shutdown, validate_sizes
+from parallel.world import World, detect_world, expand_nodelist
+from testing.local import free_ports, run_ranks
 
 TORCHRUN = {
     "RANK": "5",
@@ -217,13 +210,13 @@ def test_bad_sizes_fail_before_any_collective() -> None:
 
 
 def test_single_topology_creates_no_group() -> None:
-    topo = Topology.single()
+    topo = ParallelDims.single()
     assert topo.is_main and (topo.tp_rank, topo.dp_rank, topo.dp_size) == (0, 0, 1)
     assert topo.world.world_size == 1 and topo.backend in ("gloo", "nccl")
     assert not dist.is_initialized()
 
 
-def _observe(topo: Topology) -> list[int]:
+def _observe(topo: ParallelDims) -> list[int]:
     return [topo.tp_rank, topo.dp_rank, topo.dp_size, topo.pp_rank, topo.cp_rank]
 
 

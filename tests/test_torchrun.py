@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from parallel.local import free_ports
 from pretrain.monitor import read_metrics
+from testing.local import free_ports
 from tests.conftest import SMALL_RUN
 
 RUN = ["--no-progress", *SMALL_RUN, "checkpoint.interval=15"]

@@ -62,14 +62,14 @@ def test_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     straight = Trainer(small_config(tmp_path / "a"), progress=False)
     straight.train()
 
-    original = Trainer._train_step
+    original = Trainer.train_step
 
     def signal_during_step_3(self: Trainer, collect_stats: bool):
         if self.step == 2:  # while step 3 runs: the stop takes effect when it ends
             os.kill(os.getpid(), signal.SIGUSR1)
         return original(self, collect_stats)
 
-    monkeypatch.setattr(Trainer, "_train_step", signal_during_step_3)
+    monkeypatch.setattr(Trainer, "train_step", signal_during_step_3)
     sigterm = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as stopped:
         Trainer(small_config(tmp_path / "b"), progress=False).train()
@@ -77,7 +77,7 @@ def test_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     signal.signal(signal.SIGTERM, sigterm)
     assert stopped.value.step == 3
     assert [p.name for p in complete_checkpoints(tmp_path / "b")] == ["step_00000003"]
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    monkeypatch.setattr(Trainer, "train_step", original)
 
     resumed = Trainer(small_config(tmp_path / "b"), progress=False)
     assert resumed.step == 3 and resumed.restarts == 1

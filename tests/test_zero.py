@@ -22,7 +22,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from parallel.local import run_ranks
+from testing.local import run_ranks
+from testing.zero_state import full_optimizer_state, optimizer_state_bytes
 
 VOCAB = 50
 SEQ = 16
@@ -57,7 +58,8 @@ def batch(step: int) -> torch.Tensor:
 
 def reference(clip: float, steps: int = STEPS + 1) -> tuple[list[dict], list[float]]:
     """Parameters after each step and the norms, of one process with torch AdamW."""
-    from parallel.tensor import SINGLE, clip_gradients
+    from parallel.grads import clip_gradients
+    from parallel.tensor import TensorParallel
     from pretrain.build import optimizer_for, scheduler_for
     from pretrain.model.lm import LanguageModel
 
@@ -70,7 +72,7 @@ def reference(clip: float, steps: int = STEPS + 1) -> tuple[list[dict], list[flo
         micro = batch(step).split(MICRO)
         for m in micro:
             (model.loss(m)[0] / len(micro)).backward()
-        norms.append(clip_gradients(list(model.parameters()), clip, SINGLE))
+        norms.append(clip_gradients(list(model.parameters()), clip, TensorParallel()))
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -106,13 +108,15 @@ def init_megatron(tp: int = 1) -> None:
 
 def build(stage: int, clip: float, groups=None, tp_size: int = 1):
     """A ZeRO engine over the reference's initial weights (this rank's tensor shard)."""
+    from parallel.dims import ParallelDims
     from parallel.tensor import TensorParallel, shard_state_dict
-    from parallel.zero import MegatronGroups, ZeroEngine
+    from parallel.zero import ZeroEngine, ZeroOptions
+    from parallel.zero_config import MegatronGroups
     from pretrain.build import optimizer_for, scheduler_for
     from pretrain.model.lm import LanguageModel
 
     groups = groups or MegatronGroups()
-    tp = TensorParallel.from_parallel_state() if tp_size > 1 else TensorParallel()
+    tp = ParallelDims.from_parallel_state().tensor if tp_size > 1 else TensorParallel()
     torch.manual_seed(0)
     model = LanguageModel(model_config(), VOCAB)
     if tp.active:
@@ -123,11 +127,11 @@ def build(stage: int, clip: float, groups=None, tp_size: int = 1):
     sched = scheduler_for(opt, optim_config(clip), 10)
     dp = groups.get_data_parallel_world_size()
     external = [(model, model.embedding.weight)] if model.head is None else []
-    zero = ZeroEngine.build(
-        model, opt, sched, stage=stage, micro_batch_size=MICRO,
-        grad_accum_steps=GLOBAL // (MICRO * dp), clip_grad=clip, groups=groups,
-        external_params=external, persistence_threshold=0,  # ZeRO-3: partition everything
+    options = ZeroOptions(
+        stage=stage, micro_batch_size=MICRO, grad_accum_steps=GLOBAL // (MICRO * dp),
+        clip_grad=clip, persistence_threshold=0,  # ZeRO-3: partition everything
     )  # fmt: skip
+    zero = ZeroEngine.build(model, opt, sched, options, groups=groups, external_params=external)
     return zero, tp
 
 
@@ -207,7 +211,7 @@ HANG_S = 200  # a rank still running then prints its stack and exits (no silent 
 
 def dp2_worker(rank: int, world: int, clip: float, ckpt_dir: str) -> bytes:
     faulthandler.dump_traceback_later(HANG_S, exit=True)
-    from parallel.local import gloo_world
+    from testing.local import gloo_world
 
     with gloo_world(rank, world):
         init_megatron()
@@ -218,7 +222,7 @@ def dp2_worker(rank: int, world: int, clip: float, ckpt_dir: str) -> bytes:
             out["init_s"].append(zero.init_seconds)
             traj, norms = trajectory(zero, tp)
             out["cases"].append(compare(f"zero{stage}-dp2", traj, norms, ref, ref_norms))
-            out["bytes"][stage] = zero.optimizer_state_bytes()
+            out["bytes"][stage] = optimizer_state_bytes(zero)
         for stage in (1, 2, 3):
             out[f"skips{stage}"] = skipped_steps(*build(stage, clip))
         zero, tp = build(1, clip)
@@ -229,13 +233,13 @@ def dp2_worker(rank: int, world: int, clip: float, ckpt_dir: str) -> bytes:
             zero, tp = build(stage, clip)
             trajectory(zero, tp, steps=2)
             zero.save(ckpt_dir, f"zero{stage}")
-            saved = {"params": full_params(zero, tp), "optim": zero.full_optimizer_state()}
+            saved = {"params": full_params(zero, tp), "optim": full_optimizer_state(zero)}
             train_step(zero, 2)
             saved["next"] = full_params(zero, tp)
             out[f"saved{stage}"] = saved
             zero, tp = build(stage, clip)
             zero.load(ckpt_dir, f"zero{stage}")
-            loaded = {"params": full_params(zero, tp), "optim": zero.full_optimizer_state()}
+            loaded = {"params": full_params(zero, tp), "optim": full_optimizer_state(zero)}
             train_step(zero, 2)
             loaded["next"] = full_params(zero, tp)
             out[f"loaded{stage}-dp2"] = loaded
@@ -251,8 +255,8 @@ def world4_worker(rank: int, world: int, clip: float, ckpt_dir: str) -> bytes:
     import torch.distributed as dist
 
     import parallel.zero
-    from parallel.local import gloo_world
-    from parallel.zero import MegatronGroups
+    from parallel.zero_config import MegatronGroups
+    from testing.local import gloo_world
 
     with gloo_world(rank, world):
         ref, ref_norms = reference(clip)
@@ -277,7 +281,7 @@ def world4_worker(rank: int, world: int, clip: float, ckpt_dir: str) -> bytes:
             for dp, groups in ((4, None), (1, MegatronGroups(alone, alone, alone))):
                 zero, tp = build(stage, clip, groups=groups)
                 zero.load(ckpt_dir, f"zero{stage}")
-                loaded = {"params": full_params(zero, tp), "optim": zero.full_optimizer_state()}
+                loaded = {"params": full_params(zero, tp), "optim": full_optimizer_state(zero)}
                 loaded["lr"] = zero.scheduler.get_last_lr()
                 train_step(zero, 2)
                 loaded["next"] = full_params(zero, tp)

@@ -9,7 +9,7 @@ Three ways to compute the same thing, all on sequence-major [L, B, C] inputs:
                         states carried between chunks, so that the cost stays linear in L
                         (O(L log chunk) rather than O(L log L)) and no [C, N, L] tensor exists;
   * ``scan_chunk``      the same plus the contribution of a carried-in state, and the state
-                        after the chunk (sequence parallelism passes states between ranks);
+                        after the chunk (context parallelism passes states between ranks);
   * ``step``            the recurrence for one token (decoding).
 """
 

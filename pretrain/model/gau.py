@@ -14,16 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallel.context import SINGLE_CONTEXT, ContextParallel
+from parallel.context import ContextParallel
 from parallel.dispatch import Dispatch
 from parallel.halo import gather_halo, with_halo
 from parallel.layout import mark_partial_grad, mark_replicated, mark_tensor_parallel
 from parallel.tensor import SplitDropout, TensorParallel, column_linear, copy_to_group, row_linear
 from pretrain.model.init import init_linear_, trunc_normal_
 from pretrain.model.rope import apply_rotary
-
-ATTENTION_FNS = ("softmax", "relu2")
-POSITION_KINDS = ("rotary", "simple", "local", "none")
 
 
 @dataclass
@@ -49,12 +46,12 @@ class GatedAttentionUnit(nn.Module):
         rope_base: float = 10000.0,
         attention_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
-        tp: TensorParallel | None = None,
-        cp: ContextParallel | None = None,
+        tp: TensorParallel = TensorParallel(),
+        cp: ContextParallel = ContextParallel(),
     ) -> None:
         super().__init__()
         self.tp = tp
-        self.cp = cp or SINGLE_CONTEXT
+        self.cp = cp
         self.zdim, self.hdim, self.window = zdim, hdim, window
         self.attention_fn, self.position = attention_fn, position
         self.rope_base = rope_base
@@ -74,7 +71,7 @@ class GatedAttentionUnit(nn.Module):
         else:
             self.register_parameter("rel_bias", None)
         self.attention_dropout = nn.Dropout(attention_dropout)  # replicated weights
-        self.hidden_dropout = SplitDropout(hidden_dropout, tp)  # v is split over H
+        self.hidden_dropout = SplitDropout(hidden_dropout, split=tp.active)  # v is split over H
         for p in (*self.z_proj.parameters(), self.qk_scale, self.qk_offset, self.out_proj.bias):
             mark_replicated(p)
         # Between the attention weights and z, gradients are per-rank partial sums.

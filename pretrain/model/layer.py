@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallel.context import SINGLE_CONTEXT, ContextParallel
+from parallel.context import ContextParallel
 from parallel.layout import mark_replicated, mark_sequence_parallel, mark_tensor_parallel
 from parallel.scan import context_parallel_ema
 from parallel.tensor import (
-    SINGLE,
     SplitDropout,
     TensorParallel,
     broadcast_decision,
@@ -62,8 +61,8 @@ class FeedForward(nn.Module):
         sp = tp.sequence_parallel
         self.fc1 = init_linear_(column_linear(width, hidden, tp, sequence_parallel=sp))
         self.fc2 = init_linear_(row_linear(hidden, width, tp, sequence_parallel=sp))
-        self.hidden_dropout = SplitDropout(dropout, tp)
-        self.dropout = SplitDropout(dropout, tp if sp else None)
+        self.hidden_dropout = SplitDropout(dropout, split=tp.active)
+        self.dropout = SplitDropout(dropout, split=sp)
         mark_tensor_parallel(self.fc1.weight, dim=0)
         mark_tensor_parallel(self.fc1.bias, dim=0)
         mark_tensor_parallel(self.fc2.weight, dim=1)
@@ -79,12 +78,14 @@ class SeqBoatLayer(nn.Module):
     L/tp tokens. See parallel/tensor.py for the regions."""
 
     def __init__(
-        self, cfg: ModelConfig, tp: TensorParallel | None = None, cp: ContextParallel | None = None
+        self,
+        cfg: ModelConfig,
+        tp: TensorParallel = TensorParallel(),
+        cp: ContextParallel = ContextParallel(),
     ) -> None:
         super().__init__()
-        tp = tp or SINGLE
         self.tp = tp
-        self.cp = cp or SINGLE_CONTEXT
+        self.cp = cp
         d = cfg.width
         self.prenorm = cfg.prenorm
         self.routing = cfg.routing
@@ -123,9 +124,9 @@ class SeqBoatLayer(nn.Module):
                 self.cp,
             )
         )
-        self.ema_dropout = SplitDropout(cfg.dropout, tp)  # channel-split
+        self.ema_dropout = SplitDropout(cfg.dropout, split=tp.active)  # channel-split
         # The residual stream is replicated, or sequence-split under sequence parallelism.
-        self.dropout = SplitDropout(cfg.dropout, tp if tp.sequence_parallel else None)
+        self.dropout = SplitDropout(cfg.dropout, split=tp.sequence_parallel)
         self.ffn = FeedForward(d, cfg.ffn_hidden, cfg.dropout, tp) if cfg.ffn_hidden else None
         self.ffn_norm = make_norm(cfg.norm, d) if cfg.ffn_hidden else None
         if tp.sequence_parallel:

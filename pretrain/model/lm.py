@@ -12,6 +12,7 @@ Its ``state_dict`` keys are the full model's for the parameters it holds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,6 @@ from parallel.context import ContextParallel
 from parallel.layout import mark_replicated, mark_sequence_parallel, mark_tensor_parallel
 from parallel.pipeline import Stage
 from parallel.tensor import (
-    SINGLE,
     SplitDropout,
     TensorParallel,
     column_linear,
@@ -50,13 +50,12 @@ class LanguageModel(nn.Module):
         self,
         cfg: ModelConfig,
         vocab_size: int,
-        tp: TensorParallel | None = None,
-        cp: ContextParallel | None = None,
+        tp: TensorParallel = TensorParallel(),
+        cp: ContextParallel = ContextParallel(),
         stage: Stage | None = None,
     ) -> None:
         super().__init__()
-        tp = tp or SINGLE
-        if (tp.active or (cp is not None and cp.active)) and cfg.arch != "seqboat":
+        if (tp.active or cp.active) and cfg.arch != "seqboat":
             raise ValueError("model parallelism is implemented for the SeqBoat architecture")
         self.cfg = cfg
         self.tp = tp
@@ -72,9 +71,7 @@ class LanguageModel(nn.Module):
         holds_embedding = first or (last and cfg.tie_embeddings)
         self.embedding = vocab_embedding(self.padded_vocab, d, tp) if holds_embedding else None
         self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
-        self.embedding_dropout = SplitDropout(
-            cfg.embedding_dropout, tp if tp.sequence_parallel else None
-        )
+        self.embedding_dropout = SplitDropout(cfg.embedding_dropout, split=tp.sequence_parallel)
         layers = [self._make_layer(cp) for _ in self.stage.layers]
         # A stage keys its layers by global index: the same state_dict keys as the full model.
         self.layers = (
@@ -109,7 +106,7 @@ class LanguageModel(nn.Module):
             return make_norm(cfg.norm, cfg.width, affine=cfg.final_norm_affine)
         return nn.Identity()
 
-    def _make_layer(self, cp: ContextParallel | None) -> nn.Module:
+    def _make_layer(self, cp: ContextParallel) -> nn.Module:
         if self.cfg.arch == "seqboat":
             return SeqBoatLayer(self.cfg, self.tp, cp)
         return TransformerLayer(self.cfg)
@@ -224,3 +221,23 @@ class StageChunks(nn.Module):
 
 def _keyed_layers(model: LanguageModel) -> dict[str, nn.Module]:
     return {str(i): layer for i, layer in zip(model.stage.layers, model.stack(), strict=True)}
+
+
+def stage_forward(
+    dtype: torch.dtype, stats: dict[int, list[LayerStats]] | None = None
+) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The ``step_fn`` of ``pipeline_step``: a chunk's loss on the last stage, else its
+    activation in ``dtype`` (the master dtype: under bf16 autocast a stage's output dtype
+    depends on its last op, and the next stage's receive buffer must know it beforehand).
+    With ``stats``, each chunk's layer statistics of its first micro-batch go there, keyed
+    by the chunk's first global layer."""
+
+    def run(chunk: nn.Module, micro_batch: Tensor) -> Tensor:
+        first_layer = chunk.stage.layers.start
+        collect = stats is not None and first_layer not in stats
+        out, chunk_stats = chunk.pipeline_forward(micro_batch, collect)
+        if collect:
+            stats[first_layer] = chunk_stats or []
+        return out if chunk.stage.last else out.to(dtype)
+
+    return run

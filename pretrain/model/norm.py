@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-NORM_KINDS = ("layernorm", "rmsnorm", "scalenorm")
+from pretrain.config import NORM_KINDS
 
 
 class ScaleNorm(nn.Module):

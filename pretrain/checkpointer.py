@@ -1,0 +1,215 @@
+"""The checkpoint recipe: which tensors a rank saves, how they are keyed and sharded, and how
+a saved run is restored onto this rank's split (resharded when the split changed).
+
+``Checkpointer`` is the one implementation the Trainer, the tests and the benches use. The
+file format (atomic publication, checksums, ``latest``) is ``pretrain/checkpoint.py``'s; the
+sharding rules are ``parallel/sharding.py``'s; this module joins them for one rank:
+
+* the model (all of this rank's pipeline chunks, keyed by global names) and, without ZeRO,
+  the optimizer's tensors go through megatron-core ``dist_checkpointing``, written by the
+  data/context copies in turn (``spread_writes``);
+* the optimizer's record (hyper-parameters, state shapes: covering every pipeline stage, so
+  that a run resumed on another layout can read any one rank's file) goes into the rank file
+  beside what the caller adds (schedule, data position, RNG, counters);
+* under ZeRO, DeepSpeed's own files (model and optimizer partitions) go into the step folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from parallel.dims import MODEL_SPLIT, ParallelDims, sizes_text
+from parallel.pipeline import merge_over_stages
+from parallel.sharding import (
+    Place,
+    load_model,
+    load_optimizer,
+    model_sharded_state_dict,
+    optimizer_record,
+    optimizer_sharded_state_dict,
+    spread_writes,
+)
+from pretrain.checkpoint import (
+    SHARDED,
+    complete_checkpoints,
+    load_latest,
+    load_rank_file,
+    load_sharded,
+    read_meta,
+    remove_partial,
+    save_checkpoint,
+    verify_files,
+)
+from pretrain.config import Config, ConfigError, config_from_dict, parse_yaml
+
+if TYPE_CHECKING:
+    from data.tokenizer import Tokenizer
+    from parallel.zero import ZeroEngine
+
+# DeepSpeed's files in a checkpoint: <step>/deepspeed/zero/.
+ZERO_DIR, ZERO_TAG = "deepspeed", "zero"
+
+
+@dataclass
+class Restored:
+    """What ``Checkpointer.restore`` read besides the model and optimizer it loaded."""
+
+    state: dict[str, Any]  # the rank file: the caller's entries (schedule, data, RNG, ...)
+    path: Path  # the checkpoint folder
+    elastic: bool  # saved on another split: the per-rank entries are rank 0's, not ours
+    saved_sizes: dict[str, int]  # the split it was saved with
+
+    def resharding(self, now: dict[str, int]) -> str:
+        """How the split changed since the checkpoint, for the resume message ("" if not)."""
+        if self.saved_sizes == now:
+            return ""
+        if sizes_text(self.saved_sizes) == sizes_text(now):
+            return " on a different data-parallel size"
+        keys = (*MODEL_SPLIT, "dp_size")
+        return (
+            f" resharded (tensor x context x pipeline x data {sizes_text(self.saved_sizes, keys)}"
+            f" -> {sizes_text(now, keys)})"
+        )
+
+
+class Checkpointer:
+    """Saves and restores one rank's share of a run (collective: every rank calls the same
+    methods in the same order).
+
+    ``model``: this rank's model (its pipeline chunks as one module named like the whole
+    model); ``optimizer``: its torch optimizer (None: weights only); ``zero``: the DeepSpeed
+    engine when the optimizer state is DeepSpeed's; ``spread``: share the writing out over
+    the data/context copies (else copy 0 writes everything)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        dims: ParallelDims,
+        zero: ZeroEngine | None = None,
+        spread: bool = True,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.dims = dims
+        self.zero = zero
+        self.spread = spread
+
+    def place(self) -> Place:
+        """This rank's place for the sharded tensors: its tensor-parallel shard, which data x
+        context copy it is, and, under pipeline parallelism, which keys are copies of another
+        stage's (a tied head's embedding on the last stage)."""
+        d = self.dims
+        owns_embedding = d.is_first_stage
+
+        def owner(key: str) -> int:
+            return int(key == "embedding.weight" and not owns_embedding)
+
+        return Place(d.tp_rank, d.tp_size, d.replica, d.replicas, owner)
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """The model's (and, without ZeRO, the optimizer's) tensors as megatron-core sharded
+        tensors, keyed by global names."""
+        place = self.place()
+        sharded = model_sharded_state_dict(self.model, place)
+        if self.optimizer is not None and self.zero is None:
+            sharded |= optimizer_sharded_state_dict(self.optimizer, self.model, place)
+        return spread_writes(sharded, place) if self.spread else sharded
+
+    def _template(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Tensors to load a checkpoint into, from its rank file's optimizer record."""
+        place = self.place()
+        template = model_sharded_state_dict(self.model, place, template=True)
+        if self.optimizer is not None:
+            template |= optimizer_sharded_state_dict(
+                self.optimizer, self.model, place, state["optimizer"]
+            )
+        return template
+
+    def _optimizer_record(self) -> dict[str, Any] | None:
+        if self.optimizer is None or self.zero is not None:
+            return None
+        record = optimizer_record(self.optimizer, self.model)
+        for key in ("shapes", "scalars"):  # every stage's, so any rank file will do
+            record[key] = merge_over_stages(record[key], self.dims)
+        return record
+
+    def save(self, run_dir: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> float:
+        """Writes the checkpoint of ``step`` (``state``: the caller's entries of this rank's
+        file) and publishes it; returns the seconds it took."""
+        start = time.perf_counter()
+        zero = self.zero
+        with zero.gathered() if zero is not None else contextlib.nullcontext():
+            sharded = self.sharded_state_dict()  # whole parameters, also under ZeRO-3
+        save_checkpoint(
+            run_dir, step, {**state, "optimizer": self._optimizer_record()}, keep_last,
+            self.dims.sizes(), sharded,
+            None if zero is None else lambda folder: zero.save(folder / ZERO_DIR, ZERO_TAG),
+        )  # fmt: skip
+        return time.perf_counter() - start
+
+    def restore(self, run_dir: Path) -> Restored | None:
+        """Loads the newest usable checkpoint of ``run_dir`` into the model and optimizer
+        (resharded to this split); None when the run has none. A killed save's leftover
+        ``step_X.tmp`` is deleted first."""
+        if self.dims.is_main:
+            remove_partial(run_dir)
+        # Under ZeRO, DeepSpeed loads the model and optimizer from its own files.
+        template = None if self.zero is not None else self._template
+        loaded = load_latest(run_dir, self.dims.sizes(), template)
+        if loaded is None:
+            return None
+        state, path = loaded
+        restored = Restored(state, path, state["elastic"], state["saved_layout"])
+        if self.zero is not None:
+            if sizes_text(restored.saved_sizes) != sizes_text(self.dims.sizes()):
+                raise ConfigError(
+                    f"{path} holds ZeRO optimizer state of tensor x context x pipeline "
+                    f"{sizes_text(restored.saved_sizes)}; a ZeRO run resumes on another "
+                    "data-parallel size only: keep parallel.tensor, context and pipeline"
+                )
+            self.zero.load(path / ZERO_DIR, ZERO_TAG)
+        else:
+            load_model(self.model, state["sharded"])
+            if self.optimizer is not None:
+                load_optimizer(self.optimizer, self.model, state["optimizer"], state["sharded"])
+        return restored
+
+    def load_weights(self, ckpt: Path) -> None:
+        """The model's weights from the checkpoint folder ``ckpt`` (any split), nothing else."""
+        place = self.place()
+        template = model_sharded_state_dict(self.model, place, template=True)
+        load_model(self.model, load_sharded(ckpt / SHARDED, template))
+
+
+def load_trained(
+    run_dir: Path, device: torch.device | None = None
+) -> tuple[Config, Tokenizer, nn.Module, int]:
+    """(config, tokenizer, single-process model with the newest checkpoint's weights, step)
+    of a run, whatever the split that trained it (the sharded tensors load whole)."""
+    from pretrain.build import model_for, select_device, tokenizer_for
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = config_from_dict(parse_yaml(config_path.read_text()))
+    checkpoints = complete_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+    ckpt = checkpoints[-1]
+    meta = read_meta(ckpt)
+    verify_files(ckpt, meta)
+    first = load_rank_file(ckpt, 0, meta)
+    device = device or select_device(cfg)
+    tokenizer = tokenizer_for(cfg)
+    model = model_for(cfg, tokenizer.vocab_size, torch.device("cpu"))
+    Checkpointer(model, None, ParallelDims.single()).load_weights(ckpt)
+    return cfg, tokenizer, model.to(device), int(first["train"]["step"])

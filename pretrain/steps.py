@@ -1,0 +1,186 @@
+"""One training step, behind one interface: ``TrainStep(batch, collect_stats) -> StepResult``.
+
+A step is two independent choices:
+
+* how the gradients of the global batch's mean loss are produced: a loop of forward and
+  backward over this rank's micro-batches (``MicroBatchLoop``), or megatron-core's pipeline
+  schedule over them (``PipelineSchedule``);
+* how they are applied (``Update``): our optimizer after ``parallel.grads.finish_gradients``
+  (``OptimizerUpdate``), or DeepSpeed ZeRO, which reduces, clips and steps itself
+  (``ZeroUpdate``; with a pipeline, ZeRO-1 only).
+
+Either way a step whose loss or gradient norm is non-finite leaves the weights alone but
+consumes its batch and its place in the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from parallel.dims import ParallelDims
+from parallel.grads import average, finish_gradients, sync_tied_grads
+from parallel.pipeline import PipelinePlace, broadcast_loss, merge_over_stages, pipeline_step
+from parallel.zero import ZeroEngine
+from pretrain.config import Config
+from pretrain.model.layer import LayerStats
+from pretrain.model.lm import LanguageModel, stage_forward
+from pretrain.precision import autocast_for
+
+
+class StepResult(NamedTuple):
+    loss: float  # the global batch's mean loss
+    grad_norm: float  # before clipping; inf/nan for a skipped step
+    stats: list[LayerStats] | None  # per layer, of this rank's first micro-batch
+
+
+class Update(Protocol):
+    def backward(self, loss: Tensor, micro_batches: int) -> None:
+        """Backward of one micro-batch's mean ``loss`` (the loop's gradient accumulation)."""
+
+    def apply(self, loss: float) -> float:
+        """Applies the accumulated gradients (unless ``loss`` or the norm is non-finite),
+        advances the schedule; returns the gradient norm before clipping."""
+
+
+class OptimizerUpdate:
+    """Our torch optimizer: gradients finished by ``parallel.grads`` (tensor, tied, data x
+    context, clipping), then the optimizer and the schedule."""
+
+    def __init__(
+        self,
+        chunks: Sequence[nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        dims: ParallelDims,
+        clip_grad: float,
+    ) -> None:
+        self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
+        self.dims, self.clip_grad = dims, clip_grad
+        # This rank's copies of the weight tied between the first and the last stage.
+        self.tied = [w for c in chunks for w in c.tied_weights()]
+
+    def backward(self, loss: Tensor, micro_batches: int) -> None:
+        (loss / micro_batches).backward()
+
+    def apply(self, loss: float) -> float:
+        norm = finish_gradients(self.chunks, self.dims, self.clip_grad, self.tied)
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+
+class ZeroUpdate:
+    """DeepSpeed ZeRO: reduction, clipping, the step (or its skip) and our schedule. A tied
+    weight's pipeline copies are summed first (DeepSpeed knows nothing of the embedding
+    group)."""
+
+    def __init__(self, zero: ZeroEngine, chunks: Sequence[nn.Module], dims: ParallelDims) -> None:
+        self.zero, self.dims = zero, dims
+        self.tied = [w for c in chunks for w in c.tied_weights()]
+
+    def backward(self, loss: Tensor, micro_batches: int) -> None:
+        self.zero.backward(loss)  # divided by the accumulation steps inside
+
+    def apply(self, loss: float) -> float:
+        sync_tied_grads(self.tied, self.dims.pp_size > 1)
+        return self.zero.step(skip=not math.isfinite(loss)).grad_norm
+
+
+class MicroBatchLoop:
+    """Forward and backward of each micro-batch in turn; their mean loss (this rank's)."""
+
+    def __init__(self, model: LanguageModel, dims: ParallelDims, precision: str) -> None:
+        self.model, self.dims, self.precision = model, dims, precision
+
+    def __call__(
+        self, micro_batches: Sequence[Tensor], update: Update, collect_stats: bool
+    ) -> tuple[Tensor, list[LayerStats] | None]:
+        device, cp = self.dims.device, self.dims.context
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        stats = None
+        for i, micro in enumerate(micro_batches):
+            with autocast_for(self.precision, device):
+                loss, micro_stats = self.model.loss(
+                    cp.chunk(micro).to(device), collect_stats and i == 0
+                )
+            update.backward(loss, len(micro_batches))
+            total += loss.detach().double() / len(micro_batches)
+            stats = stats or micro_stats
+        return total, stats
+
+
+class PipelineSchedule:
+    """megatron-core's 1F1B (or interleaved) schedule over the micro-batches; their mean loss
+    from the last stage, and every layer's statistics of the first micro-batch, gathered
+    from the stages in layer order."""
+
+    def __init__(
+        self,
+        chunks: Sequence[LanguageModel],
+        place: PipelinePlace,
+        dims: ParallelDims,
+        cfg: Config,
+    ) -> None:
+        self.chunks, self.place, self.dims, self.cfg = chunks, place, dims, cfg
+
+    def __call__(
+        self, micro_batches: Sequence[Tensor], update: Update, collect_stats: bool
+    ) -> tuple[Tensor, list[LayerStats] | None]:
+        t, device, cp = self.cfg.train, self.dims.device, self.dims.context
+        dtype = next(self.chunks[0].parameters()).dtype
+        stats: dict[int, list[LayerStats]] | None = {} if collect_stats else None
+        with autocast_for(t.precision, device):
+            loss = pipeline_step(
+                self.chunks, self.place, [cp.chunk(m).to(device) for m in micro_batches],
+                stage_forward(dtype, stats), seq_length=t.seq_length,
+                micro_batch_size=t.micro_batch_size, hidden_size=self.cfg.model.width,
+                dtype=dtype, sequence_parallel=self.dims.sequence_parallel,
+            )  # fmt: skip
+        loss = broadcast_loss(loss, self.place, device)
+        if stats is None:
+            return loss, None
+        local = {first: [_to_cpu(s) for s in layer_stats] for first, layer_stats in stats.items()}
+        gathered = merge_over_stages(local, self.dims)
+        return loss, [s for first in sorted(gathered) for s in gathered[first]]
+
+
+class TrainStep:
+    """Gradients of one global batch (this rank's rows), then the update."""
+
+    def __init__(
+        self,
+        forward_backward: MicroBatchLoop | PipelineSchedule,
+        update: OptimizerUpdate | ZeroUpdate,
+        modules: Sequence[nn.Module],
+        dims: ParallelDims,
+        micro_batch_size: int,
+    ) -> None:
+        self.forward_backward, self.update = forward_backward, update
+        self.modules, self.dims, self.micro_batch_size = modules, dims, micro_batch_size
+
+    def __call__(self, batch: Tensor, collect_stats: bool) -> StepResult:
+        for module in self.modules:
+            module.train()
+        micro_batches = batch.split(self.micro_batch_size)
+        loss, stats = self.forward_backward(micro_batches, self.update, collect_stats)
+        if self.dims.replicas > 1:
+            loss = average(loss, self.dims.dp_group(), self.dims.replicas)
+        total = float(loss)
+        return StepResult(total, self.update.apply(total), stats)
+
+
+def _to_cpu(stats: LayerStats) -> LayerStats:
+    """For gathering between ranks as Python objects (CUDA tensors would unpickle on the
+    sender's device)."""
+    return dataclasses.replace(
+        stats, activated=stats.activated.cpu(), span_sum=stats.span_sum.cpu(),
+        span_pairs=stats.span_pairs.cpu(),
+    )  # fmt: skip

@@ -1,0 +1,167 @@
+"""Tests of the damped EMA (pretrain/model/ema.py) against float64 references.
+
+The references are written from the maths of the SeqBoat paper (arXiv:2306.11197), not by
+calling the code under test: the sequential recurrence token by token, and the truncated
+kernel as an explicit convolution loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.model.ema import DampedEMA
+from tests.model.reference import F64, rel_err
+
+
+def make_ema(channels: int = 5, ndim: int = 6, truncation: int | None = None) -> DampedEMA:
+    """A float64 EMA with spread-out parameters: some channels decay fast, some barely."""
+    ema = DampedEMA(channels, ndim, truncation).double()
+    with torch.no_grad():
+        ema.delta.normal_(0.0, 2.0)
+        ema.alpha.normal_(0.0, 2.0)
+        ema.alpha[0] = -12.0  # q = 1 - p * sigmoid(-12) ~ 1: a very long memory
+        ema.beta.normal_(0.0, 1.0)
+        ema.eta.normal_(0.0, 1.0)
+        ema.omega.normal_(0.0, 1.0)
+    return ema
+
+
+def ema_recurrence(ema: DampedEMA, x: torch.Tensor, state: torch.Tensor | None = None):
+    """h_t = p*beta*x_t + q*h_{t-1}; y_t = sum_n eta*h_t/sqrt(N) + omega*x_t (token loop)."""
+    length, batch, channels = x.shape
+    p = torch.sigmoid(ema.delta.detach())
+    q = 1.0 - p * torch.sigmoid(ema.alpha.detach())
+    beta, eta, omega = ema.beta.detach(), ema.eta.detach(), ema.omega.detach()
+    n = ema.ndim
+    h = torch.zeros(batch, channels, n, dtype=F64) if state is None else state.clone()
+    ys = []
+    for t in range(length):
+        h = p * beta * x[t].unsqueeze(-1) + q * h
+        ys.append((eta * h).sum(-1) / math.sqrt(n) + omega * x[t])
+    return torch.stack(ys), h
+
+
+def ema_truncated_reference(ema: DampedEMA, x: torch.Tensor, trunc: int) -> torch.Tensor:
+    """y_t = sum_{l < trunc} K_l x_{t-l} + omega x_t, K_l = sum_n eta p beta q^l / sqrt(N)."""
+    p = torch.sigmoid(ema.delta.detach())
+    q = 1.0 - p * torch.sigmoid(ema.alpha.detach())
+    coef = ema.eta.detach() * p * ema.beta.detach() / math.sqrt(ema.ndim)  # [C, N]
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for lag in range(min(trunc, t + 1)):
+            y[t] += (coef * q**lag).sum(-1) * x[t - lag]
+    return y + ema.omega.detach() * x
+
+
+def uneven_splits(length: int) -> list[int]:
+    """Chunk sizes summing to ``length``: 1, then growing odd sizes, then the rest."""
+    sizes, left, nxt = [], length, 1
+    while left > 0:
+        take = min(nxt, left)
+        sizes.append(take)
+        left -= take
+        nxt = nxt * 3 + 2
+    return sizes
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 100, 257])
+def test_ema_fft_step_scan_match_recurrence(length):
+    ema = make_ema()
+    x = torch.randn(length, 3, ema.channels)
+    ref, h_last = ema_recurrence(ema, x)
+    with torch.no_grad():
+        y_fft = ema(x)
+        # step, token by token
+        state = ema.initial_state(3, x.device, F64)
+        steps = []
+        for t in range(length):
+            y_t, state = ema.step(x[t], state)
+            steps.append(y_t)
+        y_step = torch.stack(steps)
+        # scan_chunk over uneven chunks, carrying the state
+        sizes = uneven_splits(length)
+        chunks, carried, start = [], None, 0
+        for size in sizes:
+            y_c, carried = ema.scan_chunk(x[start : start + size], carried)
+            chunks.append(y_c)
+            start += size
+        y_scan = torch.cat(chunks)
+    assert y_fft.dtype == F64 and y_fft.shape == x.shape
+    assert rel_err(y_fft, ref) < 1e-10
+    assert rel_err(y_step, ref) < 1e-10
+    assert rel_err(y_scan, ref) < 1e-10
+    assert rel_err(state, h_last) < 1e-10
+    assert rel_err(carried, h_last) < 1e-10
+    if length > 1:
+        assert len(sizes) > 1
+
+
+def test_ema_scan_chunk_with_initial_state():
+    ema = make_ema()
+    x = torch.randn(23, 2, ema.channels)
+    state0 = torch.randn(2, ema.channels, ema.ndim)
+    ref, h_last = ema_recurrence(ema, x, state0)
+    with torch.no_grad():
+        y, final = ema.scan_chunk(x, state0)
+    assert rel_err(y, ref) < 1e-10
+    assert rel_err(final, h_last) < 1e-10
+
+
+def test_ema_untruncated_and_truncated():
+    x = torch.randn(257, 2, 5)
+    full = make_ema(truncation=None)
+    ref, _ = ema_recurrence(full, x)
+    with torch.no_grad():
+        y_full = full(x)
+    assert rel_err(y_full, ref) < 1e-10
+    # Channel 0 has q ~ 1, so cutting the kernel at 16 taps must change the output a lot ...
+    trunc = make_ema(truncation=16)
+    trunc.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        y_trunc = trunc(x)
+    assert rel_err(y_trunc, ref) > 1e-3
+    # ... and the truncated output is the 16-tap convolution.
+    x_short = x[:40]
+    with torch.no_grad():
+        y_short = trunc(x_short)
+    assert rel_err(y_short, ema_truncated_reference(trunc, x_short, 16)) < 1e-10
+    # A truncation longer than the sequence is no truncation.
+    long_trunc = make_ema(truncation=10_000)
+    long_trunc.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        assert rel_err(long_trunc(x), ref) < 1e-10
+
+
+@pytest.mark.parametrize(("length", "chunk"), [(100, 7), (257, 64), (257, 256), (64, 64)])
+def test_ema_chunked_convolution_matches_recurrence(length, chunk):
+    """Training's chunked FFT (states carried between chunks) is the untruncated EMA."""
+    x = torch.randn(length, 2, 5, requires_grad=True)
+    ema = make_ema(truncation=None)
+    chunked = DampedEMA(5, ema.ndim, None, chunk)
+    chunked.load_state_dict(ema.state_dict())
+    ref, _ = ema_recurrence(ema, x)
+    y = chunked(x)
+    assert rel_err(y, ref) < 1e-10
+    (grad_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    (grad,) = torch.autograd.grad(y.pow(2).sum(), x)
+    assert rel_err(grad, grad_ref) < 1e-10
+    # With a carried-in state: outputs and the final state (the last chunk may be padded).
+    state = torch.randn(2, 5, ema.ndim, dtype=F64)
+    ref, h_last = ema_recurrence(ema, x.detach(), state)
+    y, final = chunked.scan_chunk(x.detach(), state)
+    assert rel_err(y, ref) < 1e-10 and rel_err(final, h_last) < 1e-10
+
+
+def test_ema_gradient_matches_recurrence():
+    ema = make_ema(channels=3, ndim=4)
+    x = torch.randn(19, 2, 3, requires_grad=True)
+    w = torch.randn(19, 2, 3)
+    (ema(x) * w).sum().backward()
+    g_fft = x.grad.clone()
+    x.grad = None
+    ref, _ = ema_recurrence(ema, x)
+    (ref * w).sum().backward()
+    assert rel_err(g_fft, x.grad) < 1e-10
