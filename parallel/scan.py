@@ -110,8 +110,9 @@ def context_parallel_ema(ema: ChunkScan, x: Tensor, group: dist.ProcessGroup) ->
     """
     length = x.shape[0]
     dtype = ema.compute_dtype(x)
-    y, final = ema.scan_chunk(x)
-    carried = carried_state(final.to(dtype), ema.chunk_decay(length, dtype), group)
-    # Summed in the compute dtype: the carried part is not rounded to a low-precision x dtype
-    # before it is added.
-    return (y.to(dtype) + ema.state_response(carried, length)).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # float32 at least, as ema.py
+        y, final = ema.scan_chunk(x)
+        carried = carried_state(final.to(dtype), ema.chunk_decay(length, dtype), group)
+        # Summed in the compute dtype: the carried part is not rounded to a low-precision x
+        # dtype before it is added.
+        return (y.to(dtype) + ema.state_response(carried, length)).to(x.dtype)

@@ -11,11 +11,18 @@ Three ways to compute the same thing, all on sequence-major [L, B, C] inputs:
   * ``scan_chunk``      the same plus the contribution of a carried-in state, and the state
                         after the chunk (context parallelism passes states between ranks);
   * ``step``            the recurrence for one token (decoding).
+
+All three run in float32 at least, also under autocast (bf16 training): a long kernel with
+decay close to 1 is exactly where bf16 loses the tail. Autocast is switched off inside them
+and the output is cast back to the input's dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +30,19 @@ from torch import Tensor, nn
 
 from parallel.layout import mark_tensor_parallel
 from pretrain.model.init import trunc_normal_
+
+Method = TypeVar("Method", bound=Callable)
+
+
+def _exact(method: Method) -> Method:
+    """``method`` with autocast off (its own dtypes hold: float32 at least)."""
+
+    @functools.wraps(method)
+    def run(self: DampedEMA, *args: object, **kwargs: object) -> object:
+        with torch.autocast(self.omega.device.type, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class DampedEMA(nn.Module):
@@ -63,6 +83,7 @@ class DampedEMA(nn.Module):
         q = 1.0 - p * torch.sigmoid(self.alpha.to(dtype))
         return p * self.beta.to(dtype), q, self.eta.to(dtype) / math.sqrt(self.ndim)
 
+    @_exact
     def kernel(self, length: int, dtype: torch.dtype) -> Tensor:
         """K[c, l] = sum_n eta/sqrt(N) * p * beta * q^l  for l < length; [C, length]."""
         b, q, c = self.coefficients(dtype)
@@ -78,6 +99,7 @@ class DampedEMA(nn.Module):
         # The FFT runs in float32 at least (bf16/fp16 FFTs lose the long tail of the kernel).
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
+    @_exact
     def forward(self, x: Tensor) -> Tensor:
         """x: [L, B, C] -> y: [L, B, C] with zero initial state."""
         if self.truncation is None:
@@ -88,6 +110,7 @@ class DampedEMA(nn.Module):
         y = fft_causal_conv(x.to(dtype), kernel)
         return (y + self.omega.to(dtype) * x.to(dtype)).to(x.dtype)
 
+    @_exact
     def scan_chunk(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Exact EMA over a chunk that continues a sequence whose state before it is ``state``.
 
@@ -103,6 +126,7 @@ class DampedEMA(nn.Module):
             final = final + state * self.chunk_decay(x.shape[0], dtype)
         return (y + self.omega.to(dtype) * xc).to(x.dtype), final
 
+    @_exact
     def state_response(self, state: Tensor, length: int) -> Tensor:
         """What a state carried into a sequence adds to its first ``length`` outputs:
         sum_n eta/sqrt(N) * q^(t+1) * state; [length, B, C] (omega's skip not included)."""
@@ -115,6 +139,7 @@ class DampedEMA(nn.Module):
         y = torch.einsum("jbcn,cnk->jkbc", torch.stack(carried) * c, powers[..., 1:])
         return y.reshape(n * k, *state.shape[:2])[:length]
 
+    @_exact
     def chunk_decay(self, length: int, dtype: torch.dtype) -> Tensor:
         """q^length [C, N]: how much of a state survives ``length`` tokens."""
         return self._powers(self.coefficients(dtype)[1], 1, dtype, start=length)[..., 0]
@@ -149,6 +174,7 @@ class DampedEMA(nn.Module):
         final = carried[-1] * powers[..., r] + last
         return y.reshape(n * k, batch, channels)[:length], final
 
+    @_exact
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One token. x: [B, C]; state: [B, C, N]. Returns (y [B, C], new state)."""
         dtype = self.compute_dtype(x)

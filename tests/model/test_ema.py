@@ -165,3 +165,31 @@ def test_ema_gradient_matches_recurrence():
     ref, _ = ema_recurrence(ema, x)
     (ref * w).sum().backward()
     assert rel_err(g_fft, x.grad) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("truncation", "chunk"), [(None, 0), (None, 16), (24, 0)], ids=["fft", "chunked", "truncated"]
+)
+def test_ema_runs_in_float32_under_bf16_autocast(truncation, chunk):
+    """Under bf16 autocast (train.precision=bf16) the EMA's kernel, state response and FFT
+    stay float32: its output and gradients equal the float32 EMA's, not bf16-rounded ones."""
+    ema = make_ema(truncation=truncation).float()
+    ema.chunk = chunk
+    x = torch.randn(50, 3, 5, dtype=torch.float32, requires_grad=True)
+    state = torch.randn(3, 5, 6, dtype=torch.float32)
+
+    def run(autocast: bool):
+        ema.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = ema(x)
+            y_scan, final = ema.scan_chunk(x, state)
+            y_step, next_state = ema.step(x[0], state)
+        assert y.dtype == y_scan.dtype == y_step.dtype == torch.float32
+        (y.square().sum() + y_scan.sum() + final.sum() + y_step.sum() + next_state.sum()).backward()
+        grads = [x.grad.clone(), *(p.grad.clone() for p in ema.parameters())]
+        return [y, y_scan, final, y_step, next_state, *grads]
+
+    exact, autocast = run(False), run(True)
+    errors = [rel_err(a.double(), b.double()) for a, b in zip(autocast, exact, strict=True)]
+    assert max(errors) < 1e-6, errors
