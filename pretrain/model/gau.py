@@ -3,7 +3,10 @@
 Token i of the compressed sequence attends to itself and the previous ``window`` activated
 tokens (the SeqBoat paper, arXiv:2306.11197). Queries are processed in blocks of ``window``;
 each block's keys are that block and the one before it, so the score tensor is
-[B, M/w, w, 2w]: linear in the sequence length, never [M, M].
+[B, M/w, w, 2w]: linear in the sequence length, never [M, M]. Softmax attention without a
+learned positional bias runs through ``scaled_dot_product_attention`` (fused kernels: the
+scores are not kept for backward); ``relu2``, the positional biases and attention dropout
+build the scores explicitly.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class GatedAttentionUnit(nn.Module):
         super().__init__()
         self.tp = tp
         self.cp = cp
+        # The fused attention kernel where it applies (``uses_fused_kernel``); False: always
+        # the reference path that builds the score blocks (for tests and benchmarks).
+        self.fused = True
         self.zdim, self.hdim, self.window = zdim, hdim, window
         self.attention_fn, self.position = attention_fn, position
         self.rope_base = rope_base
@@ -194,6 +200,13 @@ class GatedAttentionUnit(nn.Module):
         full = out.new_zeros(windows.q.shape[0], *out.shape[1:])
         return full.index_copy(0, busy, out), stats
 
+    def uses_fused_kernel(self) -> bool:
+        """Softmax attention without a learned positional bias and without attention dropout
+        (its masks come from another RNG pattern) goes through PyTorch's fused kernel."""
+        no_dropout = self.attention_dropout.p == 0 or not self.training
+        plain = self.attention_fn == "softmax" and self.position in ("rotary", "none")
+        return self.fused and plain and no_dropout
+
     def attend(self, w: Windows, collect_stats: bool = False) -> tuple[Tensor, SpanStats | None]:
         """Attention within each window: [I, window, H] outputs."""
         window = self.window
@@ -202,9 +215,21 @@ class GatedAttentionUnit(nn.Module):
         act_distance = (offs.unsqueeze(1) + window) - torch.arange(2 * window, device=w.q.device)
         allowed = ((act_distance >= 0) & (act_distance <= window)) & w.valid_k.unsqueeze(1)
         pos_distance = w.pos_q.unsqueeze(-1) - w.pos_k.unsqueeze(-2)
-        scores = torch.matmul(w.q, w.k.transpose(-1, -2)) * self.scale()
-        weights = self.attention_weights(scores, allowed, pos_distance, act_distance)
-        out = torch.matmul(weights.to(w.v.dtype), w.v)
+        if self.uses_fused_kernel():
+            # The score blocks are never kept for backward. Each query may also see its own
+            # slot, so that no row is empty (an empty slot's query, whose output is
+            # discarded; kernels differ in what an empty row gives): a valid query's own key
+            # is allowed anyway.
+            mask = (allowed | (act_distance == 0)).unsqueeze(1)
+            # One head: fused kernels take [items, heads, length, dim]. PyTorch's flash
+            # kernels need the value width H equal to the query width Z; where it is not
+            # (the GAU's H > Z), the memory-efficient kernel (CUDA) or the math path runs.
+            q, k, v = (t.unsqueeze(1) for t in (w.q, w.k, w.v))
+            out = F.scaled_dot_product_attention(q, k, v, mask, scale=self.scale()).squeeze(1)
+        else:
+            scores = torch.matmul(w.q, w.k.transpose(-1, -2)) * self.scale()
+            weights = self.attention_weights(scores, allowed, pos_distance, act_distance)
+            out = torch.matmul(weights.to(w.v.dtype), w.v)
         stats = None
         if collect_stats:
             with torch.no_grad():

@@ -116,3 +116,44 @@ def test_rotary_positions_matter():
         c, _ = gau(m, pos * 2, valid)
     assert rel_err(b, a) < 1e-10
     assert rel_err(c, a) > 1e-4
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("position", ["rotary", "none"])
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_fused_kernel_equals_the_reference_path(dtype, tolerance, position, window):
+    """The fused kernel (scaled_dot_product_attention) and the path that builds the score
+    blocks give the same outputs on every valid slot and the same gradients of everything."""
+    gau = make_gau(window, "softmax", position).to(dtype)
+    length, batch = 21, 4
+    valid = general_valid(length)
+    m = (torch.randn(length, batch, 6, dtype=dtype) * valid.unsqueeze(-1)).requires_grad_()
+    positions = increasing_positions(length, batch) * valid
+    weights = torch.randn(length, batch, 6, dtype=dtype) * valid.unsqueeze(-1)
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        gau.fused = fused
+        assert gau.uses_fused_kernel() == fused
+        gau.zero_grad(set_to_none=True)
+        m.grad = None
+        out, _ = gau(m, positions, valid)
+        assert torch.isfinite(out).all()
+        (out * weights).sum().backward()
+        rows = valid.unsqueeze(-1).expand_as(out)
+        return [out.detach()[rows], m.grad.clone(), *(p.grad.clone() for p in gau.parameters())]
+
+    fused, reference = run(True), run(False)
+    errors = [rel_err(a, b) for a, b in zip(fused, reference, strict=True)]
+    assert max(errors) < tolerance, errors
+
+
+def test_fused_kernel_only_where_it_applies():
+    """relu2, the learned positional biases and attention dropout in training keep the
+    reference path."""
+    assert not make_gau(3, "relu2", "rotary").uses_fused_kernel()
+    assert not make_gau(3, "softmax", "simple").uses_fused_kernel()
+    assert not make_gau(3, "softmax", "local").uses_fused_kernel()
+    gau = make_gau(3, "softmax", "rotary")
+    gau.attention_dropout.p = 0.1
+    assert not gau.train().uses_fused_kernel()
+    assert gau.eval().uses_fused_kernel()
