@@ -12,13 +12,15 @@ After backward, every rank holds gradients that are not yet those of the global 
    replicated ones once, pipeline stages summed, a tied copy counted once), then scaling.
 
 ``finish_gradients`` runs the four in that order; under DeepSpeed ZeRO, DeepSpeed does 3 and 4
-and ``parallel.zero`` hooks do 2.
+and ``parallel.zero`` hooks do 2. ``OverlappedGradReduce`` does most of 3 during the last
+backward of a step instead of after it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -128,19 +130,120 @@ def finish_gradients(
     dims: ParallelDims,
     max_norm: float,
     tied: Sequence[nn.Parameter] = (),
+    overlapped: OverlappedGradReduce | None = None,
 ) -> float:
     """Steps 1-4 of the module docstring over this rank's model ``chunks`` (one per pipeline
     stage it runs); ``tied``: this rank's copies of the weight tied between the first and
-    the last stage. Returns the whole model's gradient norm before clipping."""
+    the last stage; ``overlapped``: the reducer that averaged (most of) the gradients during
+    the backward. Returns the whole model's gradient norm before clipping."""
     tp = dims.tensor
     sync_tied_grads(tied, dims.pp_size > 1)
     for chunk in chunks:
         sum_partial_grads(chunk, tp)
     params = list({id(p): p for chunk in chunks for p in chunk.parameters()}.values())
+    if overlapped is not None:
+        overlapped.finish()
     if dims.replicas > 1:
-        grads = [p.grad for p in params if p.grad is not None]
+        done = overlapped.params if overlapped is not None else set()
+        grads = [p.grad for p in params if p.grad is not None and id(p) not in done]
         all_reduce_coalesced(grads, dims.dp_group(), scale=1.0 / dims.replicas)
     pipeline_group = dims.pp_group() if dims.pp_size > 1 else None
     # The last stage's copy of a tied weight is counted by its owner, the first stage.
     uncounted = tied if not dims.is_first_stage else ()
     return clip_gradients(params, max_norm, tp, pipeline_group, uncounted)
+
+
+class OverlappedGradReduce:
+    """Averages gradients over the data x context ranks in buckets while the last backward
+    of a step still runs, instead of in one all-reduce after it (torch DDP's and
+    megatron-core's ``overlap_grad_reduce``, for our loop).
+
+    Parameters are bucketed in reverse order of registration (about the order backward
+    produces their gradients), ``bucket_bytes`` per bucket. Only armed for the step's last
+    micro-batch (``arm``): then each parameter's post-accumulate hook marks it ready, and
+    the buckets are reduced asynchronously strictly in bucket order, so every rank issues
+    the same collectives in the same order whatever its graph's timing. ``finish`` reduces
+    what is left, waits, and writes back the mean.
+
+    Weights whose gradient is a tensor-parallel partial sum (``holds_partial_grad``) are
+    left out: they are summed over the tensor group first, then averaged with the rest at
+    the end (``finish_gradients``), so every gradient is computed with the same additions
+    as without overlap.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        group: dist.ProcessGroup,
+        size: int,
+        sequence_parallel: bool,
+        bucket_bytes: int = 25 * 2**20,
+    ) -> None:
+        self.group, self.size = group, size
+        chosen = [p for p in params if not holds_partial_grad(p, sequence_parallel)]
+        self.buckets: list[list[nn.Parameter]] = []
+        current: list[nn.Parameter] = []
+        filled = 0
+        for p in reversed(chosen):
+            current.append(p)
+            filled += p.numel() * p.element_size()
+            if filled >= bucket_bytes:
+                self.buckets.append(current)
+                current, filled = [], 0
+        if current:
+            self.buckets.append(current)
+        self.params = {id(p) for p in chosen}
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self._armed = False
+        self._ready: list[int] = []
+        self._pending: list[tuple[Any, Tensor, list[nn.Parameter]]] = []
+        self._next = 0
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in chosen]
+
+    def arm(self) -> None:
+        """The next backward is the step's last: reduce as gradients become final."""
+        self._armed = True
+        self._ready = [0] * len(self.buckets)
+        self._next = 0
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        if not self._armed:
+            return
+        self._ready[self._bucket_of[id(param)]] += 1
+        while self._next < len(self.buckets) and self._complete(self._next):
+            self._launch(self._next)
+            self._next += 1
+
+    def _complete(self, index: int) -> bool:
+        return self._ready[index] == len(self.buckets[index])
+
+    def _launch(self, index: int) -> None:
+        bucket = self.buckets[index]
+        # A parameter without a gradient this step (unused) enters as zeros, so that every
+        # rank's buffer has the same layout; it gets no gradient back.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._pending.append((work, flat, bucket))
+
+    def finish(self) -> None:
+        """Reduces the buckets not launched yet, waits for all, writes back the means."""
+        if not self._armed:
+            raise RuntimeError("finish() without arm(): the gradients were not reduced")
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+            self._next += 1
+        for work, flat, bucket in self._pending:
+            work.wait()
+            flat.mul_(1.0 / self.size)
+            offset = 0
+            for p in bucket:
+                if p.grad is not None:
+                    p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self._pending = []
+        self._armed = False
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -12,6 +12,7 @@ from torch import nn
 
 from data.tokenizer import Tokenizer, build_tokenizer
 from parallel.dims import ParallelDims
+from parallel.grads import OverlappedGradReduce
 from parallel.pipeline import PipelinePlace
 from parallel.tensor import shard_state_dict
 from parallel.world import World
@@ -171,3 +172,18 @@ def shared_tokenizer(cfg: Config, dims: ParallelDims) -> Tokenizer:
     if dims.distributed:
         torch.distributed.barrier()
     return tokenizer if tokenizer is not None else tokenizer_for(cfg)
+
+
+def overlapped_reduce_for(
+    cfg: Config, dims: ParallelDims, model: nn.Module
+) -> OverlappedGradReduce | None:
+    """The bucketed data-parallel reduction during the last backward, where it applies: more
+    than one data x context rank, our own optimizer (ZeRO reduces itself) and no pipeline
+    (megatron-core's schedule runs the backward passes)."""
+    p = cfg.parallel
+    if not p.overlap_grad_reduce or dims.replicas == 1 or dims.pp_size > 1:
+        return None
+    return OverlappedGradReduce(
+        list(model.parameters()), dims.dp_group(), dims.replicas, dims.sequence_parallel,
+        bucket_bytes=int(p.grad_bucket_mb * 2**20),
+    )  # fmt: skip

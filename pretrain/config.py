@@ -134,6 +134,10 @@ class ParallelConfig:
     virtual_stages: int = 1
     # Layers per stage (one entry per stage x virtual stage, in layer order); empty = even.
     stage_layers: list[int] = field(default_factory=list)
+    # Average gradients over data x context ranks in buckets during the step's last backward
+    # (without a pipeline or ZeRO); false: one all-reduce after it.
+    overlap_grad_reduce: bool = True
+    grad_bucket_mb: float = 25.0
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from parallel.dims import ParallelDims
-from parallel.grads import average, finish_gradients, sync_tied_grads
+from parallel.grads import OverlappedGradReduce, average, finish_gradients, sync_tied_grads
 from parallel.pipeline import PipelinePlace, broadcast_loss, merge_over_stages, pipeline_step
 from parallel.zero import ZeroEngine
 from pretrain.config import Config
@@ -59,17 +59,25 @@ class OptimizerUpdate:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         dims: ParallelDims,
         clip_grad: float,
+        overlap: OverlappedGradReduce | None = None,
     ) -> None:
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
-        self.dims, self.clip_grad = dims, clip_grad
+        self.dims, self.clip_grad, self.overlap = dims, clip_grad, overlap
         # This rank's copies of the weight tied between the first and the last stage.
         self.tied = [w for c in chunks for w in c.tied_weights()]
+        self._backwards = 0  # of this step's micro-batches
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
+        self._backwards += 1
+        if self.overlap is not None and self._backwards == micro_batches:
+            self.overlap.arm()  # the gradients become final during this backward
         (loss / micro_batches).backward()
 
     def apply(self, loss: float) -> float:
-        norm = finish_gradients(self.chunks, self.dims, self.clip_grad, self.tied)
+        self._backwards = 0
+        norm = finish_gradients(
+            self.chunks, self.dims, self.clip_grad, self.tied, overlapped=self.overlap
+        )
         if math.isfinite(loss) and math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

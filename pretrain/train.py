@@ -24,6 +24,7 @@ from pretrain.build import (
     model_chunks_for,
     model_for,
     optimizer_for,
+    overlapped_reduce_for,
     pipeline_place_for,
     scheduler_for,
     select_device,
@@ -237,13 +238,13 @@ class Trainer:
         if cfg.optimizer.zero_stage:
             parts = (self.chunks, self.model, self.optimizer, self.scheduler)
             self.zero = zero_engine_for(cfg, dims, *parts)
-        update: Any = (
-            ZeroUpdate(self.zero, self.chunks, dims)
-            if self.zero is not None
-            else OptimizerUpdate(
-                self.chunks, self.optimizer, self.scheduler, dims, cfg.optimizer.clip_grad
-            )
-        )
+        update: OptimizerUpdate | ZeroUpdate
+        if self.zero is not None:
+            update = ZeroUpdate(self.zero, self.chunks, dims)
+        else:
+            overlap = overlapped_reduce_for(cfg, dims, self.model)
+            optim = (self.chunks, self.optimizer, self.scheduler, dims, cfg.optimizer.clip_grad)
+            update = OptimizerUpdate(*optim, overlap)
         forward_backward: Any = (
             PipelineSchedule(self.chunks, self.place, dims, cfg)
             if self.place.active
