@@ -4,23 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# A small run of 30 steps for the multi-process end-to-end tests (torchrun, Slurm).
-SMALL_RUN = [
-    "wandb.mode=disabled",
-    "data.tokenizer.kind=byte",
-    "model.layers=2",
-    "model.width=64",
-    "model.zdim=16",
-    "model.hdim=128",
-    "model.window=16",
-    "train.seq_length=64",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    "train.max_steps=30",
-    "train.log_interval=1",
-    "train.eval_interval=15",
-    "train.eval_samples=8",
-]
+from testing.small_run import SMALL_RUN  # noqa: F401 - the tests import it from here
 
 # English prose shipped with the repository (tests/data/corpus/README.md says what and whence).
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.cli import parse_args
-from tests.conftest import SMALL_RUN
+from testing.small_run import SMALL_RUN
 
 
 def test_options_may_sit_between_overrides() -> None:

@@ -28,7 +28,7 @@ import torch
 from pretrain.checkpoint import load_checkpoint
 from pretrain.monitor import read_metrics
 from testing.local import free_ports, run_ranks
-from tests.conftest import SMALL_RUN
+from testing.small_run import SMALL_RUN
 
 WORLD = 4
 VOCAB = 50

@@ -47,7 +47,7 @@ from testing.slurm_cluster import (
     slurm_cluster,
     unavailable_reason,
 )
-from tests.conftest import SMALL_RUN
+from testing.small_run import SMALL_RUN
 
 pytestmark = pytest.mark.slow
 

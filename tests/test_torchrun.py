@@ -13,7 +13,7 @@ import pytest
 
 from pretrain.monitor import read_metrics
 from testing.local import free_ports
-from tests.conftest import SMALL_RUN
+from testing.small_run import SMALL_RUN
 
 RUN = ["--no-progress", *SMALL_RUN, "checkpoint.interval=15"]
 ZERO2_CP2_TP2_SP = [
