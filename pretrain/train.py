@@ -125,17 +125,7 @@ class Trainer:
                     log_now = (state.step + 1) % t.log_interval == 0
                     heatmap_now = t.heatmap_interval and (state.step + 1) % t.heatmap_interval == 0
                     result = self.train_step(collect_stats=log_now or heatmap_now)
-                    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
-                        nonfinite_in_a_row = 0
-                    else:
-                        nonfinite_in_a_row += 1
-                        state.skipped_steps += 1
-                        if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
-                            raise NonFiniteLossError(
-                                f"loss or gradient was non-finite for {nonfinite_in_a_row} "
-                                f"steps in a row (last at step {state.step}); lower "
-                                "optimizer.lr or use fp32"
-                            )
+                    nonfinite_in_a_row = self._count_nonfinite(result, nonfinite_in_a_row)
                     state.step += 1
                     bar.update(1)
                     if log_now:
@@ -145,10 +135,7 @@ class Trainer:
                             loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}"
                         )
                     if heatmap_now and result.stats and monitor.run is not None:
-                        heat = torch.stack([s.activated[:, 0].float().cpu() for s in result.stats])
-                        path = self.run_dir / "plots" / f"activation_{state.step:08d}.png"
-                        image = save_heatmap(heat, path, "training batch")
-                        monitor.log_image("activation", image, state.step)
+                        self._log_heatmap(monitor, result)
                     if state.step % t.eval_interval == 0 or state.step == t.max_steps:
                         val = self.evaluate()
                         monitor.log({f"val/{k}": v for k, v in val.items()}, state.step)
@@ -175,6 +162,25 @@ class Trainer:
         result = self.step_fn(batch, collect_stats)
         self.metrics.record(result.loss, time.perf_counter() - start, loaded - start)
         return result
+
+    def _count_nonfinite(self, result: StepResult, in_a_row: int) -> int:
+        """A step with a non-finite loss or gradient was skipped (weights unchanged): count it,
+        and give up after ``train.max_nonfinite_in_a_row`` in a row. Returns the new run."""
+        if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+            return 0
+        self.state.skipped_steps += 1
+        if in_a_row + 1 >= self.cfg.train.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(
+                f"loss or gradient was non-finite for {in_a_row + 1} steps in a row (last at "
+                f"step {self.state.step}); lower optimizer.lr or use fp32"
+            )
+        return in_a_row + 1
+
+    def _log_heatmap(self, monitor: Monitor, result: StepResult) -> None:
+        """Which tokens each layer activated in the first sequence of the step's batch."""
+        heat = torch.stack([s.activated[:, 0].float().cpu() for s in result.stats or []])
+        path = self.run_dir / "plots" / f"activation_{self.state.step:08d}.png"
+        monitor.log_image("activation", save_heatmap(heat, path, "training batch"), self.state.step)
 
     def _log_record(self, result: StepResult) -> dict[str, float]:
         return {
