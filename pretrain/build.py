@@ -109,14 +109,31 @@ def optimizer_for(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimiz
 
 
 def lr_at(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
-    """Linear warmup from 0 to ``lr``, then cosine or linear decay to ``min_lr``."""
+    """Linear warmup from 0 to ``lr``, then cosine or linear decay to ``min_lr`` over the
+    rest of the run; or (``wsd``) ``lr`` until ``wsd_decay_start``, then the decay shape to
+    ``min_lr`` at ``max_steps``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress
+    start = wsd_decay_start(cfg, max_steps) if cfg.decay == "wsd" else cfg.warmup_steps
+    if step < start:
+        return cfg.lr
+    progress = min(1.0, (step - start) / max(1, max_steps - start))
+    shape_name = cfg.decay_shape if cfg.decay == "wsd" else cfg.decay
+    if shape_name == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    elif shape_name == "1-sqrt":
+        shape = 1 - math.sqrt(progress)
+    else:
+        shape = 1 - progress
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+
+
+def wsd_decay_start(cfg: OptimizerConfig, max_steps: int) -> int:
+    """The first step of a WSD run's decay: the last ``decay_fraction`` of ``max_steps``
+    (never inside the warmup)."""
+    return max(cfg.warmup_steps, max_steps - round(cfg.decay_fraction * max_steps))
 
 
 def scheduler_for(

@@ -98,7 +98,12 @@ class OptimizerConfig:
     beta2: float = 0.98
     eps: float = 1e-8
     warmup_steps: int = 30
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: str = "cosine"  # cosine | linear | constant | wsd (warmup, stable, decay)
+    # wsd: the decay takes the last decay_fraction of train.max_steps, shaped linear, cosine
+    # or 1-sqrt; until then the lr stays at optimizer.lr, so a run can be extended (raise
+    # train.max_steps) from any checkpoint before its decay began.
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
     clip_grad: float = 1.0
     # DeepSpeed ZeRO stage over the data-parallel group: 0 = our own data parallelism,
     # 1 = optimizer state sharded, 2 = + gradients, 3 = + parameters.
@@ -320,7 +325,10 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", t.precision, ("fp32", "bf16", "fp64"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _choice("optimizer.name", o.name, ("adamw", "radam"))
-    _choice("optimizer.decay", o.decay, ("cosine", "linear", "constant"))
+    _choice("optimizer.decay", o.decay, ("cosine", "linear", "constant", "wsd"))
+    _choice("optimizer.decay_shape", o.decay_shape, ("linear", "cosine", "1-sqrt"))
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optimizer.decay_fraction must be in (0, 1], got {o.decay_fraction}")
     _choice("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
     _choice("data.tokenizer.kind", d.tokenizer.kind, ("sentencepiece", "byte"))
     _choice("data.tokenizer.model_type", d.tokenizer.model_type, ("bpe", "unigram"))

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from pretrain.build import lr_at
-from pretrain.config import OptimizerConfig, load_config
-from pretrain.train import Trainer
-from tests.test_train import small_config
+from pretrain.build import lr_at, wsd_decay_start
+from pretrain.config import ConfigError, OptimizerConfig, load_config
+from pretrain.train import Preempted, Trainer
+from tests.test_train import small_config, train_losses
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
@@ -86,3 +88,77 @@ def test_bf16_training_follows_the_fp32_curve(tmp_path: Path) -> None:
     assert fp32[-1] < fp32[0] - 1.0  # it learned: the comparison is not of two flat lines
     gaps = [abs(a - b) / b for a, b in zip(bf16, fp32, strict=True)]
     assert max(gaps) < 2e-3, max(gaps)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_wsd_schedule_closed_form(shape: str) -> None:
+    """Warmup, stable at lr, then the last 25% of the steps decaying to min_lr."""
+    cfg = OptimizerConfig(
+        lr=1.0, min_lr=0.1, warmup_steps=10, decay="wsd", decay_fraction=0.25, decay_shape=shape
+    )
+    assert wsd_decay_start(cfg, 100) == 75
+    decay = {
+        "linear": lambda x: 1 - x,
+        "cosine": lambda x: 0.5 * (1 + math.cos(math.pi * x)),
+        "1-sqrt": lambda x: 1 - math.sqrt(x),
+    }[shape]
+    for step in range(101):
+        if step < 10:
+            expected = (step + 1) / 10
+        elif step < 75:
+            expected = 1.0
+        else:
+            expected = 0.1 + 0.9 * decay(min(1.0, (step - 75) / 25))
+        assert lr_at(step, cfg, 100) == pytest.approx(expected, abs=1e-12), step
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+
+
+WSD = ["optimizer.decay=wsd", "optimizer.decay_fraction=0.25", "checkpoint.interval=3"]
+
+
+def test_wsd_run_extends_from_a_stable_checkpoint_as_if_planned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 steps planned (decay from step 9), stopped at step 6, resumed with 20 steps
+    (decay from step 15): the same losses, bit for bit, as 20 steps planned from the start.
+    A run stopped inside its decay (step 12) cannot be extended: one clear error, and the run
+    directory keeps its config."""
+    long = small_config(tmp_path / "long", *WSD, "train.max_steps=20")
+    Trainer(long, progress=False).train()
+
+    original = Trainer.train_step
+
+    def stop_at_6(self: Trainer, collect_stats: bool):
+        if self.step == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, collect_stats)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_6)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted):
+        Trainer(small_config(tmp_path / "ext", *WSD, "train.max_steps=12"), progress=False).train()
+    signal.signal(signal.SIGTERM, sigterm)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    extended = Trainer(small_config(tmp_path / "ext", *WSD, "train.max_steps=20"), progress=False)
+    assert extended.step == 6
+    extended.train()
+    a, b = train_losses(tmp_path / "long"), train_losses(tmp_path / "ext")
+    assert list(a) == list(range(1, 21)) and a == b  # bit for bit, every step
+
+    Trainer(small_config(tmp_path / "done", *WSD, "train.max_steps=12"), progress=False).train()
+    saved = (tmp_path / "done" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"past the decay start 9"):
+        Trainer(small_config(tmp_path / "done", *WSD, "train.max_steps=20"), progress=False)
+    assert (tmp_path / "done" / "config.yaml").read_text() == saved
+
+
+def test_resume_refuses_a_changed_schedule(tmp_path: Path) -> None:
+    """The schedule of the steps already taken is part of the run: lr, warmup, decay."""
+    Trainer(small_config(tmp_path, *WSD, "train.max_steps=4"), progress=False).train()
+    for change, message in [
+        ("optimizer.lr=0.01", r"optimizer\.lr"),
+        ("optimizer.decay_fraction=0.5", r"optimizer\.decay_fraction: 0\.25 -> 0\.5"),
+        ("optimizer.decay=cosine", r"optimizer\.decay: 'wsd' -> 'cosine'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            Trainer(small_config(tmp_path, *WSD, "train.max_steps=4", change), progress=False)
