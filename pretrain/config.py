@@ -86,6 +86,10 @@ class TrainConfig:
     heatmap_interval: int = 0
     # Peak TFLOP/s of one device (e.g. 989 for an H100's dense bf16) for MFU; 0: no MFU.
     peak_tflops: float = 0.0
+    # Skip a step whose loss or gradient norm is more than this many standard deviations
+    # above the mean of the last spike_window applied steps; 0: off.
+    spike_guard: float = 0.0
+    spike_window: int = 100
 
 
 @dataclass

@@ -9,8 +9,9 @@ A step is two independent choices:
   (``OptimizerUpdate``), or DeepSpeed ZeRO, which reduces, clips and steps itself
   (``ZeroUpdate``; with a pipeline, ZeRO-1 only).
 
-Either way a step whose loss or gradient norm is non-finite leaves the weights alone but
-consumes its batch and its place in the learning-rate schedule.
+Either way a step whose loss or gradient norm is non-finite (or, with ``train.spike_guard``,
+a spike: ``pretrain/spike_guard.py``) leaves the weights alone but consumes its batch and its
+place in the learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -31,21 +32,25 @@ from pretrain.config import Config
 from pretrain.model.layer import LayerStats
 from pretrain.model.lm import LanguageModel, stage_forward
 from pretrain.precision import autocast_for
+from pretrain.spike_guard import SpikeGuard
 
 
 class StepResult(NamedTuple):
     loss: float  # the global batch's mean loss
     grad_norm: float  # before clipping; inf/nan for a skipped step
     stats: list[LayerStats] | None  # per layer, of this rank's first micro-batch
+    applied: bool = True  # False: the weights were left alone (non-finite, or a spike)
+    spike: bool = False  # skipped by the spike guard
 
 
 class Update(Protocol):
     def backward(self, loss: Tensor, micro_batches: int) -> None:
         """Backward of one micro-batch's mean ``loss`` (the loop's gradient accumulation)."""
 
-    def apply(self, loss: float) -> float:
-        """Applies the accumulated gradients (unless ``loss`` or the norm is non-finite),
-        advances the schedule; returns the gradient norm before clipping."""
+    def apply(self, loss: float) -> tuple[float, bool, bool]:
+        """Applies the accumulated gradients unless ``loss`` or the norm is non-finite or a
+        spike, advances the schedule; returns (the gradient norm before clipping, applied,
+        skipped as a spike)."""
 
 
 class OptimizerUpdate:
@@ -60,9 +65,10 @@ class OptimizerUpdate:
         dims: ParallelDims,
         clip_grad: float,
         overlap: OverlappedGradReduce | None = None,
+        guard: SpikeGuard | None = None,
     ) -> None:
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
-        self.dims, self.clip_grad, self.overlap = dims, clip_grad, overlap
+        self.dims, self.clip_grad, self.overlap, self.guard = dims, clip_grad, overlap, guard
         # This rank's copies of the weight tied between the first and the last stage.
         self.tied = [w for c in chunks for w in c.tied_weights()]
         self._backwards = 0  # of this step's micro-batches
@@ -73,16 +79,20 @@ class OptimizerUpdate:
             self.overlap.arm()  # the gradients become final during this backward
         (loss / micro_batches).backward()
 
-    def apply(self, loss: float) -> float:
+    def apply(self, loss: float) -> tuple[float, bool, bool]:
         self._backwards = 0
         norm = finish_gradients(
             self.chunks, self.dims, self.clip_grad, self.tied, overlapped=self.overlap
         )
-        if math.isfinite(loss) and math.isfinite(norm):
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        spike = finite and self.guard is not None and self.guard.is_spike(loss, norm)
+        if finite and not spike:
             self.optimizer.step()
+            if self.guard is not None:
+                self.guard.record(loss, norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return norm
+        return norm, finite and not spike, spike
 
 
 class ZeroUpdate:
@@ -90,16 +100,27 @@ class ZeroUpdate:
     weight's pipeline copies are summed first (DeepSpeed knows nothing of the embedding
     group)."""
 
-    def __init__(self, zero: ZeroEngine, chunks: Sequence[nn.Module], dims: ParallelDims) -> None:
-        self.zero, self.dims = zero, dims
+    def __init__(
+        self,
+        zero: ZeroEngine,
+        chunks: Sequence[nn.Module],
+        dims: ParallelDims,
+        guard: SpikeGuard | None = None,
+    ) -> None:
+        self.zero, self.dims, self.guard = zero, dims, guard
         self.tied = [w for c in chunks for w in c.tied_weights()]
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
         self.zero.backward(loss)  # divided by the accumulation steps inside
 
-    def apply(self, loss: float) -> float:
+    def apply(self, loss: float) -> tuple[float, bool, bool]:
         sync_tied_grads(self.tied, self.dims.pp_size > 1)
-        return self.zero.step(skip=not math.isfinite(loss)).grad_norm
+        # DeepSpeed computes the norm inside its step: only the loss is checked for a spike.
+        spike = self.guard is not None and math.isfinite(loss) and self.guard.is_spike(loss)
+        result = self.zero.step(skip=spike or not math.isfinite(loss))
+        if result.applied and self.guard is not None:
+            self.guard.record(loss, result.grad_norm)
+        return result.grad_norm, result.applied, spike
 
 
 class MicroBatchLoop:
@@ -182,7 +203,8 @@ class TrainStep:
         if self.dims.replicas > 1:
             loss = average(loss, self.dims.dp_group(), self.dims.replicas)
         total = float(loss)
-        return StepResult(total, self.update.apply(total), stats)
+        norm, applied, spike = self.update.apply(total)
+        return StepResult(total, norm, stats, applied, spike)
 
 
 def _to_cpu(stats: LayerStats) -> LayerStats:

@@ -40,6 +40,7 @@ from pretrain.monitor import Monitor, new_run_id
 from pretrain.plot import save_heatmap
 from pretrain.rng import rng_state, seed_dropout_streams, seed_everything, set_rng_state
 from pretrain.run_dir import prepare_run_dir
+from pretrain.spike_guard import SpikeGuard
 from pretrain.steps import (
     MicroBatchLoop,
     OptimizerUpdate,
@@ -80,7 +81,8 @@ class Progress:
     """The counters a checkpoint keeps besides the tensors (the rank file's ``train``)."""
 
     step: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite or spikes: the weights were left alone
+    spike_steps: int = 0  # of those, the spike guard's
     run_id: str = ""
     restarts: int = 0  # resumes of this run
 
@@ -164,11 +166,12 @@ class Trainer:
         return result
 
     def _count_nonfinite(self, result: StepResult, in_a_row: int) -> int:
-        """A step with a non-finite loss or gradient was skipped (weights unchanged): count it,
-        and give up after ``train.max_nonfinite_in_a_row`` in a row. Returns the new run."""
+        """Counts a skipped step (weights unchanged: non-finite, or a spike); gives up after
+        ``train.max_nonfinite_in_a_row`` non-finite steps in a row. Returns the new run."""
+        self.state.skipped_steps += not result.applied
+        self.state.spike_steps += result.spike
         if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
             return 0
-        self.state.skipped_steps += 1
         if in_a_row + 1 >= self.cfg.train.max_nonfinite_in_a_row:
             raise NonFiniteLossError(
                 f"loss or gradient was non-finite for {in_a_row + 1} steps in a row (last at "
@@ -188,6 +191,7 @@ class Trainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": result.grad_norm,
             "train/skipped_steps": self.state.skipped_steps,
+            "train/spike_steps": self.state.spike_steps,
             "run/restarts": self.state.restarts,
         }
 
@@ -221,6 +225,7 @@ class Trainer:
             "data": self.loader.state_dict(),
             "rng": rng_state(self.dims),
             "train": asdict(self.state),
+            "spike_guard": self.guard.state_dict() if self.guard is not None else None,
         }
         keep = self.cfg.checkpoint.keep_last
         return self.checkpointer.save(self.run_dir, self.state.step, rank_state, keep)
@@ -244,13 +249,14 @@ class Trainer:
         if cfg.optimizer.zero_stage:
             parts = (self.chunks, self.model, self.optimizer, self.scheduler)
             self.zero = zero_engine_for(cfg, dims, *parts)
+        self.guard = SpikeGuard(t.spike_guard, t.spike_window) if t.spike_guard > 0 else None
         update: OptimizerUpdate | ZeroUpdate
         if self.zero is not None:
-            update = ZeroUpdate(self.zero, self.chunks, dims)
+            update = ZeroUpdate(self.zero, self.chunks, dims, self.guard)
         else:
             overlap = overlapped_reduce_for(cfg, dims, self.model)
             optim = (self.chunks, self.optimizer, self.scheduler, dims, cfg.optimizer.clip_grad)
-            update = OptimizerUpdate(*optim, overlap)
+            update = OptimizerUpdate(*optim, overlap, self.guard)
         forward_backward: Any = (
             PipelineSchedule(self.chunks, self.place, dims, cfg)
             if self.place.active
@@ -279,6 +285,8 @@ class Trainer:
         self.loader.load_state_dict(saved["data"])
         if not restored.elastic:  # else this rank's dropout stream is new: seeded in _build
             set_rng_state(saved["rng"])
+        if self.guard is not None and saved.get("spike_guard") is not None:
+            self.guard.load_state_dict(saved["spike_guard"])
         counters = saved["train"]
         self.state = Progress(**{**counters, "restarts": counters.get("restarts", 0) + 1})
         if self.dims.is_main:
