@@ -90,6 +90,10 @@ class TrainConfig:
     # above the mean of the last spike_window applied steps; 0: off.
     spike_guard: float = 0.0
     spike_window: int = 100
+    # [start, end]: a torch.profiler trace of those steps (1-based, inclusive) on these ranks,
+    # into <run_dir>/profile/; empty: none.
+    profile_steps: list[int] = field(default_factory=list)
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -331,6 +335,13 @@ def validate(cfg: Config) -> None:
     _choice("optimizer.name", o.name, ("adamw", "radam"))
     _choice("optimizer.decay", o.decay, ("cosine", "linear", "constant", "wsd"))
     _choice("optimizer.decay_shape", o.decay_shape, ("linear", "cosine", "1-sqrt"))
+    if t.profile_steps and (
+        len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]
+    ):
+        raise ConfigError(
+            "train.profile_steps must be [start, end] with 1 <= start <= end, got "
+            f"{t.profile_steps}"
+        )
     if not 0.0 < o.decay_fraction <= 1.0:
         raise ConfigError(f"optimizer.decay_fraction must be in (0, 1], got {o.decay_fraction}")
     _choice("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))

@@ -38,6 +38,7 @@ from pretrain.metrics import StepMetrics
 from pretrain.model.lm import StageChunks
 from pretrain.monitor import Monitor, new_run_id
 from pretrain.plot import save_heatmap
+from pretrain.profiling import ProfileWindow
 from pretrain.rng import rng_state, seed_dropout_streams, seed_everything, set_rng_state
 from pretrain.run_dir import prepare_run_dir
 from pretrain.spike_guard import SpikeGuard
@@ -119,6 +120,9 @@ class Trainer:
             dynamic_ncols=True, file=sys.stderr,
         )  # fmt: skip
         nonfinite_in_a_row, last_saved, val = 0, state.step, None
+        profiler = ProfileWindow(
+            t.profile_steps, t.profile_ranks, self.dims.world.rank, self.run_dir
+        )
         if state.step == 0:  # the starting point of the validation curve
             monitor.log({f"val/{k}": v for k, v in self.evaluate().items()}, 0)
         try:
@@ -126,9 +130,11 @@ class Trainer:
                 while state.step < t.max_steps:
                     log_now = (state.step + 1) % t.log_interval == 0
                     heatmap_now = t.heatmap_interval and (state.step + 1) % t.heatmap_interval == 0
+                    profiler.before_step(state.step + 1)
                     result = self.train_step(collect_stats=log_now or heatmap_now)
                     nonfinite_in_a_row = self._count_nonfinite(result, nonfinite_in_a_row)
                     state.step += 1
+                    profiler.after_step(state.step)
                     bar.update(1)
                     if log_now:
                         metrics = self._log_record(result)
@@ -150,6 +156,7 @@ class Trainer:
                         stop.leave()
                         raise Preempted(state.step)
         finally:
+            profiler.close()
             bar.close()
             monitor.close()
         if val is None:  # the run was already complete: nothing trained, report anyway
