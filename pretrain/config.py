@@ -90,6 +90,8 @@ class TrainConfig:
     # above the mean of the last spike_window applied steps; 0: off.
     spike_guard: float = 0.0
     spike_window: int = 100
+    # Name the slowest rank (stderr) when its step time is above this times the median.
+    straggler_threshold: float = 1.2
     # [start, end]: a torch.profiler trace of those steps (1-based, inclusive) on these ranks,
     # into <run_dir>/profile/; empty: none.
     profile_steps: list[int] = field(default_factory=list)

@@ -51,6 +51,7 @@ from pretrain.steps import (
     ZeroUpdate,
 )
 from pretrain.stop import StopSignals
+from pretrain.stragglers import StragglerReport
 
 # Exit code of a run that saved a checkpoint because it was asked to stop (SIGUSR1 or
 # SIGTERM, e.g. Slurm preemption): a launcher reads it as "requeue me".
@@ -193,8 +194,12 @@ class Trainer:
         monitor.log_image("activation", save_heatmap(heat, path, "training batch"), self.state.step)
 
     def _log_record(self, result: StepResult) -> dict[str, float]:
+        window = self.metrics.summary(result.stats, self.dims.device)
         return {
-            **self.metrics.summary(result.stats, self.dims.device),
+            **window,
+            **self.stragglers.gather(
+                window["train/step_time_s"], window["train/data_wait_fraction"]
+            ),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": result.grad_norm,
             "train/skipped_steps": self.state.skipped_steps,
@@ -271,6 +276,7 @@ class Trainer:
         )
         self.step_fn = TrainStep(forward_backward, update, self.chunks, dims, t.micro_batch_size)
         self.metrics = StepMetrics(cfg, self.model.padded_vocab, dims.world.world_size)
+        self.stragglers = StragglerReport(dims, t.straggler_threshold)
         self.checkpointer = Checkpointer(self.model, self.optimizer, dims, self.zero)
         dp_rank, dp_size = dims.dp_rank, dims.dp_size
         self.loader = PretrainLoader(
