@@ -15,7 +15,7 @@ import torch
 
 from pretrain.config import Config
 from pretrain.flops import training_flops_per_token
-from pretrain.model.layer import LayerStats
+from pretrain.layer_stats import LayerSummary
 
 
 class StepMetrics:
@@ -41,7 +41,7 @@ class StepMetrics:
         self.step_s += step_s
         self.data_s += data_s
 
-    def summary(self, stats: list[LayerStats] | None, device: torch.device) -> dict[str, float]:
+    def summary(self, stats: list[LayerSummary] | None, device: torch.device) -> dict[str, float]:
         seconds = max(self.step_s, 1e-9)
         out = {
             "train/loss": sum(self.losses) / max(len(self.losses), 1),
@@ -54,11 +54,11 @@ class StepMetrics:
         self._reset()
         return out
 
-    def _throughput(self, tokens_per_s: float, stats: list[LayerStats] | None) -> dict:
+    def _throughput(self, tokens_per_s: float, stats: list[LayerSummary] | None) -> dict:
         """Tokens/s (total and per rank), model TFLOP/s counted dense-equivalent and at the
         measured activation ratios, MFU when ``train.peak_tflops`` is set."""
         cfg = self.cfg
-        ratios = [float(s.activated.float().mean()) for s in stats] if stats else None
+        ratios = [s.ratio for s in stats] if stats else None
         length = cfg.train.seq_length
         per_token = {
             "dense": training_flops_per_token(cfg.model, self.padded_vocab, length),
@@ -76,13 +76,14 @@ class StepMetrics:
         return out
 
 
-def layer_metrics(stats: list[LayerStats] | None) -> dict[str, float]:
-    """Per layer: the activation ratio, the mean attention span in original positions and,
-    with dispatch, the attention-work imbalance before and after balancing."""
+def layer_metrics(stats: list[LayerSummary] | None) -> dict[str, float]:
+    """Per layer, over the run's global batch: the activation ratio, the mean attention span
+    in original positions and, with dispatch, the attention-work imbalance before and after
+    balancing."""
     out: dict[str, float] = {}
     for i, s in enumerate(stats or []):
-        out[f"layer_{i}/act_ratio"] = float(s.activated.float().mean())
-        out[f"layer_{i}/attn_span"] = float(s.span_sum) / max(int(s.span_pairs), 1)
+        out[f"layer_{i}/act_ratio"] = s.ratio
+        out[f"layer_{i}/attn_span"] = s.span
         if s.imbalance is not None:
             out[f"layer_{i}/work_imbalance_before"], out[f"layer_{i}/work_imbalance_after"] = (
                 s.imbalance

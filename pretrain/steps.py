@@ -16,7 +16,6 @@ place in the learning-rate schedule.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
@@ -26,10 +25,10 @@ from torch import Tensor, nn
 
 from parallel.dims import ParallelDims
 from parallel.grads import OverlappedGradReduce, average, finish_gradients, sync_tied_grads
-from parallel.pipeline import PipelinePlace, broadcast_loss, merge_over_stages, pipeline_step
+from parallel.pipeline import PipelinePlace, broadcast_loss, pipeline_step
 from parallel.zero import ZeroEngine
 from pretrain.config import Config
-from pretrain.model.layer import LayerStats
+from pretrain.layer_stats import ChunkStats, LayerSummary, summarize
 from pretrain.model.lm import LanguageModel, stage_forward
 from pretrain.precision import autocast_for
 from pretrain.spike_guard import SpikeGuard
@@ -38,7 +37,7 @@ from pretrain.spike_guard import SpikeGuard
 class StepResult(NamedTuple):
     loss: float  # the global batch's mean loss
     grad_norm: float  # before clipping; inf/nan for a skipped step
-    stats: list[LayerStats] | None  # per layer, of this rank's first micro-batch
+    stats: list[LayerSummary] | None  # per layer, over the run's whole global batch
     applied: bool = True  # False: the weights were left alone (non-finite, or a spike)
     spike: bool = False  # skipped by the spike guard
 
@@ -131,25 +130,22 @@ class MicroBatchLoop:
 
     def __call__(
         self, micro_batches: Sequence[Tensor], update: Update, collect_stats: bool
-    ) -> tuple[Tensor, list[LayerStats] | None]:
+    ) -> tuple[Tensor, ChunkStats | None]:
         device, cp = self.dims.device, self.dims.context
         total = torch.zeros((), dtype=torch.float64, device=device)
-        stats = None
-        for i, micro in enumerate(micro_batches):
+        per_micro = []
+        for micro in micro_batches:
             with autocast_for(self.precision, device):
-                loss, micro_stats = self.model.loss(
-                    cp.chunk(micro).to(device), collect_stats and i == 0
-                )
+                loss, micro_stats = self.model.loss(cp.chunk(micro).to(device), collect_stats)
             update.backward(loss, len(micro_batches))
             total += loss.detach().double() / len(micro_batches)
-            stats = stats or micro_stats
-        return total, stats
+            per_micro.append(micro_stats or [])
+        return total, {0: per_micro} if collect_stats else None
 
 
 class PipelineSchedule:
     """megatron-core's 1F1B (or interleaved) schedule over the micro-batches; their mean loss
-    from the last stage, and every layer's statistics of the first micro-batch, gathered
-    from the stages in layer order."""
+    from the last stage, and this rank's chunks' layer statistics of every micro-batch."""
 
     def __init__(
         self,
@@ -162,10 +158,10 @@ class PipelineSchedule:
 
     def __call__(
         self, micro_batches: Sequence[Tensor], update: Update, collect_stats: bool
-    ) -> tuple[Tensor, list[LayerStats] | None]:
+    ) -> tuple[Tensor, ChunkStats | None]:
         t, device, cp = self.cfg.train, self.dims.device, self.dims.context
         dtype = next(self.chunks[0].parameters()).dtype
-        stats: dict[int, list[LayerStats]] | None = {} if collect_stats else None
+        stats: ChunkStats | None = {} if collect_stats else None
         with autocast_for(t.precision, device):
             loss = pipeline_step(
                 self.chunks, self.place, [cp.chunk(m).to(device) for m in micro_batches],
@@ -173,12 +169,7 @@ class PipelineSchedule:
                 micro_batch_size=t.micro_batch_size, hidden_size=self.cfg.model.width,
                 dtype=dtype, sequence_parallel=self.dims.sequence_parallel,
             )  # fmt: skip
-        loss = broadcast_loss(loss, self.place, device)
-        if stats is None:
-            return loss, None
-        local = {first: [_to_cpu(s) for s in layer_stats] for first, layer_stats in stats.items()}
-        gathered = merge_over_stages(local, self.dims)
-        return loss, [s for first in sorted(gathered) for s in gathered[first]]
+        return broadcast_loss(loss, self.place, device), stats
 
 
 class TrainStep:
@@ -199,18 +190,10 @@ class TrainStep:
         for module in self.modules:
             module.train()
         micro_batches = batch.split(self.micro_batch_size)
-        loss, stats = self.forward_backward(micro_batches, self.update, collect_stats)
+        loss, chunk_stats = self.forward_backward(micro_batches, self.update, collect_stats)
+        stats = summarize(chunk_stats, self.dims) if chunk_stats is not None else None
         if self.dims.replicas > 1:
             loss = average(loss, self.dims.dp_group(), self.dims.replicas)
         total = float(loss)
         norm, applied, spike = self.update.apply(total)
         return StepResult(total, norm, stats, applied, spike)
-
-
-def _to_cpu(stats: LayerStats) -> LayerStats:
-    """For gathering between ranks as Python objects (CUDA tensors would unpickle on the
-    sender's device)."""
-    return dataclasses.replace(
-        stats, activated=stats.activated.cpu(), span_sum=stats.span_sum.cpu(),
-        span_pairs=stats.span_pairs.cpu(),
-    )  # fmt: skip

@@ -189,7 +189,7 @@ class Trainer:
 
     def _log_heatmap(self, monitor: Monitor, result: StepResult) -> None:
         """Which tokens each layer activated in the first sequence of the step's batch."""
-        heat = torch.stack([s.activated[:, 0].float().cpu() for s in result.stats or []])
+        heat = torch.stack([s.heat.float() for s in result.stats or []])
         path = self.run_dir / "plots" / f"activation_{self.state.step:08d}.png"
         monitor.log_image("activation", save_heatmap(heat, path, "training batch"), self.state.step)
 

@@ -47,8 +47,9 @@ def train(tmp_path: Path, name: str, launcher: list[str], *extra: str) -> list[d
         # ZeRO-2 sharded over the context ranks; partial and sequence-parallel gradients
         # are summed by hooks before DeepSpeed reduces them.
         (ZERO2_CP2_TP2_SP, []),
+        (["parallel.context=2"], []),  # CP 2 x DP 2: layer statistics over all four ranks
     ],
-    ids=["tp2-sp-dp2", "cp2-tp2", "pp2-vp2-dp2", "cp2-tp2-sp-zero2"],
+    ids=["tp2-sp-dp2", "cp2-tp2", "pp2-vp2-dp2", "cp2-tp2-sp-zero2", "cp2-dp2"],
 )
 def test_parallel_run_matches_one_process(
     tmp_path: Path, split: list[str], model: list[str]
@@ -83,6 +84,11 @@ def test_parallel_run_matches_one_process(
         ra, rb = curve(single, "layer_3/act_ratio"), curve(parallel, "layer_3/act_ratio")
         assert list(ra) == list(rb) == list(range(1, 31))
         assert ra[1] == rb[1]
+    if split == ["parallel.context=2"]:  # the run's statistics: data and context ranks summed
+        for key in ("layer_0/act_ratio", "layer_1/act_ratio", "layer_1/attn_span"):
+            ra, rb = curve(single, key), curve(parallel, key)
+            assert list(ra) == list(rb) == list(range(1, 31))
+            assert ra[1] == pytest.approx(rb[1], rel=1e-12), key
 
 
 @pytest.mark.slow

@@ -224,20 +224,18 @@ def _keyed_layers(model: LanguageModel) -> dict[str, nn.Module]:
 
 
 def stage_forward(
-    dtype: torch.dtype, stats: dict[int, list[LayerStats]] | None = None
+    dtype: torch.dtype, stats: dict[int, list[list[LayerStats]]] | None = None
 ) -> Callable[[nn.Module, Tensor], Tensor]:
     """The ``step_fn`` of ``pipeline_step``: a chunk's loss on the last stage, else its
     activation in ``dtype`` (the master dtype: under bf16 autocast a stage's output dtype
     depends on its last op, and the next stage's receive buffer must know it beforehand).
-    With ``stats``, each chunk's layer statistics of its first micro-batch go there, keyed
-    by the chunk's first global layer."""
+    With ``stats``, each chunk's layer statistics of every micro-batch are appended there,
+    keyed by the chunk's first global layer."""
 
     def run(chunk: nn.Module, micro_batch: Tensor) -> Tensor:
-        first_layer = chunk.stage.layers.start
-        collect = stats is not None and first_layer not in stats
-        out, chunk_stats = chunk.pipeline_forward(micro_batch, collect)
-        if collect:
-            stats[first_layer] = chunk_stats or []
+        out, chunk_stats = chunk.pipeline_forward(micro_batch, stats is not None)
+        if stats is not None:
+            stats.setdefault(chunk.stage.layers.start, []).append(chunk_stats or [])
         return out if chunk.stage.last else out.to(dtype)
 
     return run
