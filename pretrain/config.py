@@ -92,6 +92,9 @@ class TrainConfig:
     spike_window: int = 100
     # Name the slowest rank (stderr) when its step time is above this times the median.
     straggler_threshold: float = 1.2
+    # torch.compile the training forward (dynamic shapes: the routing changes the GAU's
+    # lengths every step). One process or data parallelism only.
+    compile: bool = False
     # [start, end]: a torch.profiler trace of those steps (1-based, inclusive) on these ranks,
     # into <run_dir>/profile/; empty: none.
     profile_steps: list[int] = field(default_factory=list)
@@ -337,6 +340,12 @@ def validate(cfg: Config) -> None:
     _choice("optimizer.name", o.name, ("adamw", "radam"))
     _choice("optimizer.decay", o.decay, ("cosine", "linear", "constant", "wsd"))
     _choice("optimizer.decay_shape", o.decay_shape, ("linear", "cosine", "1-sqrt"))
+    model_split = cfg.parallel.tensor * cfg.parallel.context * cfg.parallel.pipeline
+    if t.compile and (model_split > 1 or cfg.optimizer.zero_stage):
+        raise ConfigError(
+            "train.compile supports one process or data parallelism only (not parallel.tensor, "
+            "context, pipeline or optimizer.zero_stage)"
+        )
     if t.profile_steps and (
         len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]
     ):

@@ -125,8 +125,12 @@ class ZeroUpdate:
 class MicroBatchLoop:
     """Forward and backward of each micro-batch in turn; their mean loss (this rank's)."""
 
-    def __init__(self, model: LanguageModel, dims: ParallelDims, precision: str) -> None:
+    def __init__(
+        self, model: LanguageModel, dims: ParallelDims, precision: str, compile: bool = False
+    ) -> None:
         self.model, self.dims, self.precision = model, dims, precision
+        # Dynamic shapes: the compressed length changes with the routing at every step.
+        self.compiled = torch.compile(model.loss, dynamic=True) if compile else None
 
     def __call__(
         self, micro_batches: Sequence[Tensor], update: Update, collect_stats: bool
@@ -136,7 +140,8 @@ class MicroBatchLoop:
         per_micro = []
         for micro in micro_batches:
             with autocast_for(self.precision, device):
-                loss, micro_stats = self.model.loss(cp.chunk(micro).to(device), collect_stats)
+                loss_fn = self.compiled or self.model.loss
+                loss, micro_stats = loss_fn(cp.chunk(micro).to(device), collect_stats)
             update.backward(loss, len(micro_batches))
             total += loss.detach().double() / len(micro_batches)
             per_micro.append(micro_stats or [])

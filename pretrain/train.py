@@ -272,7 +272,7 @@ class Trainer:
         forward_backward: Any = (
             PipelineSchedule(self.chunks, self.place, dims, cfg)
             if self.place.active
-            else MicroBatchLoop(self.model, dims, t.precision)
+            else MicroBatchLoop(self.model, dims, t.precision, t.compile)
         )
         self.step_fn = TrainStep(forward_backward, update, self.chunks, dims, t.micro_batch_size)
         self.metrics = StepMetrics(cfg, self.model.padded_vocab, dims.world.world_size)

@@ -162,3 +162,24 @@ def test_resume_refuses_a_changed_schedule(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             Trainer(small_config(tmp_path, *WSD, "train.max_steps=4", change), progress=False)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager(tmp_path: Path) -> None:
+    """train.compile (torch.compile with dynamic shapes): the same losses and weights as the
+    eager step, to float32 round-off (inductor fuses and reorders the arithmetic)."""
+    runs = {}
+    for compiled in (False, True):
+        cfg = small_config(
+            tmp_path / str(compiled), f"train.compile={str(compiled).lower()}",
+            "model.dropout=0", "model.attention_dropout=0", "train.max_steps=4",
+        )  # fmt: skip
+        trainer = Trainer(cfg, progress=False)
+        losses = [trainer.train_step(collect_stats=False).loss for _ in range(4)]
+        runs[compiled] = losses, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    (eager, eager_state), (compiled, compiled_state) = runs[False], runs[True]
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    for name, tensor in eager_state.items():
+        torch.testing.assert_close(compiled_state[name], tensor, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"train\.compile"):
+        small_config(tmp_path, "train.compile=true", "parallel.tensor=2")
