@@ -55,9 +55,8 @@ def main() -> None:
     import torch
 
     eager, compiled = run(False, args), run(True, args)
-    print(
-        f"tiny model, batch {args.batch} x 256 tokens, {args.steps} steps; torch {torch.__version__}, CPU"
-    )
+    header = f"tiny model, batch {args.batch} x 256 tokens, {args.steps} steps"
+    print(f"{header}; torch {torch.__version__}, CPU")
     print(f"{'':>9} | {'first step s':>12} | {'steady ms':>9}")
     print(f"{'eager':>9} | {eager['first']:>12.2f} | {eager['steady'] * 1e3:>9.0f}")
     print(f"{'compiled':>9} | {compiled['first']:>12.2f} | {compiled['steady'] * 1e3:>9.0f}")
