@@ -178,8 +178,8 @@ class Trainer:
         ``train.max_nonfinite_in_a_row`` non-finite steps in a row. Returns the new run."""
         self.state.skipped_steps += not result.applied
         self.state.spike_steps += result.spike
-        if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
-            return 0
+        if result.spike or (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+            return 0  # (ZeRO reports no norm for a skipped spike)
         if in_a_row + 1 >= self.cfg.train.max_nonfinite_in_a_row:
             raise NonFiniteLossError(
                 f"loss or gradient was non-finite for {in_a_row + 1} steps in a row (last at "
