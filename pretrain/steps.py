@@ -27,6 +27,7 @@ from parallel.dims import ParallelDims
 from parallel.grads import OverlappedGradReduce, average, finish_gradients, sync_tied_grads
 from parallel.pipeline import PipelinePlace, broadcast_loss, pipeline_step
 from parallel.zero import ZeroEngine
+from pretrain.build import overlapped_reduce_for
 from pretrain.config import Config
 from pretrain.layer_stats import ChunkStats, LayerSummary, summarize
 from pretrain.model.lm import LanguageModel, stage_forward
@@ -202,3 +203,33 @@ class TrainStep:
         total = float(loss)
         norm, applied, spike = self.update.apply(total)
         return StepResult(total, norm, stats, applied, spike)
+
+
+def train_step_for(
+    cfg: Config,
+    dims: ParallelDims,
+    place: PipelinePlace,
+    chunks: Sequence[LanguageModel],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    zero: ZeroEngine | None = None,
+    guard: SpikeGuard | None = None,
+) -> TrainStep:
+    """The run's step: the pipeline schedule when ``place`` has stages, else the micro-batch
+    loop; DeepSpeed's update under ZeRO, else ours (with the overlapped data-parallel
+    reduction where it applies)."""
+    t = cfg.train
+    update: OptimizerUpdate | ZeroUpdate
+    if zero is not None:
+        update = ZeroUpdate(zero, chunks, dims, guard)
+    else:
+        overlap = overlapped_reduce_for(cfg, dims, model)
+        clip = cfg.optimizer.clip_grad
+        update = OptimizerUpdate(chunks, optimizer, scheduler, dims, clip, overlap, guard)
+    forward_backward: MicroBatchLoop | PipelineSchedule = (
+        PipelineSchedule(chunks, place, dims, cfg)
+        if place.active
+        else MicroBatchLoop(chunks[0], dims, t.precision, t.compile)
+    )
+    return TrainStep(forward_backward, update, chunks, dims, t.micro_batch_size)

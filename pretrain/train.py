@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -24,7 +23,6 @@ from pretrain.build import (
     model_chunks_for,
     model_for,
     optimizer_for,
-    overlapped_reduce_for,
     pipeline_place_for,
     scheduler_for,
     select_device,
@@ -42,14 +40,7 @@ from pretrain.profiling import ProfileWindow
 from pretrain.rng import rng_state, seed_dropout_streams, seed_everything, set_rng_state
 from pretrain.run_dir import prepare_run_dir
 from pretrain.spike_guard import SpikeGuard
-from pretrain.steps import (
-    MicroBatchLoop,
-    OptimizerUpdate,
-    PipelineSchedule,
-    StepResult,
-    TrainStep,
-    ZeroUpdate,
-)
+from pretrain.steps import StepResult, train_step_for
 from pretrain.stop import StopSignals
 from pretrain.stragglers import StragglerReport
 
@@ -262,19 +253,10 @@ class Trainer:
             parts = (self.chunks, self.model, self.optimizer, self.scheduler)
             self.zero = zero_engine_for(cfg, dims, *parts)
         self.guard = SpikeGuard(t.spike_guard, t.spike_window) if t.spike_guard > 0 else None
-        update: OptimizerUpdate | ZeroUpdate
-        if self.zero is not None:
-            update = ZeroUpdate(self.zero, self.chunks, dims, self.guard)
-        else:
-            overlap = overlapped_reduce_for(cfg, dims, self.model)
-            optim = (self.chunks, self.optimizer, self.scheduler, dims, cfg.optimizer.clip_grad)
-            update = OptimizerUpdate(*optim, overlap, self.guard)
-        forward_backward: Any = (
-            PipelineSchedule(self.chunks, self.place, dims, cfg)
-            if self.place.active
-            else MicroBatchLoop(self.model, dims, t.precision, t.compile)
-        )
-        self.step_fn = TrainStep(forward_backward, update, self.chunks, dims, t.micro_batch_size)
+        self.step_fn = train_step_for(
+            cfg, dims, self.place, self.chunks, self.model, self.optimizer, self.scheduler,
+            self.zero, self.guard,
+        )  # fmt: skip
         self.metrics = StepMetrics(cfg, self.model.padded_vocab, dims.world.world_size)
         self.stragglers = StragglerReport(dims, t.straggler_threshold)
         self.checkpointer = Checkpointer(self.model, self.optimizer, dims, self.zero)
