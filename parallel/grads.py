@@ -243,7 +243,3 @@ class OverlappedGradReduce:
                 offset += p.numel()
         self._pending = []
         self._armed = False
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()

@@ -98,8 +98,8 @@ class MegatronGroups:
         model: dist.ProcessGroup | None = None,
         tensor: dist.ProcessGroup | None = None,
     ) -> None:
-        if data is None:  # megatron-core's
-            dims = ParallelDims()
+        if data is None:  # megatron-core's, as this rank's ParallelDims names them
+            dims = ParallelDims.from_parallel_state()
             data, model, tensor = dims.dp_group(), dims.model_group(), dims.tp_group()
         self.data, self.model, self.tensor = data, model, tensor
 
