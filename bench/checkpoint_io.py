@@ -1,16 +1,17 @@
-"""Sharded checkpoint save and load: seconds and bytes per rank, for the tiny config and a
-bigger shape, on 1, 2 (TP 2 or DP 2) and optionally 4 (TP 2 x DP 2) gloo processes on CPU.
+"""Sharded checkpoint save and load: seconds and bytes per rank, for the tiny config and
+bigger shapes, on 1, 2 (TP 2 or DP 2) and optionally 4 (TP 2 x DP 2) gloo processes on CPU.
 
 Each case builds the SeqBoat language model (fp32) with AdamW state (one step on random
 gradients), then times the Trainer's ``Checkpointer``: ``save`` (model + optimizer through
 dist_checkpointing, the per-rank file, checksums, publication) and ``restore`` (checksum
 verification, the sharded load into the model and optimizer); the slowest rank's time is
-reported. Bytes per
-rank: the files a rank wrote (its shard file and its ``rank_XXXXX.pt``; rank 0 also the
-shared metadata).
+reported. Beside the synchronous save, the same save with ``checkpoint.async``: the time
+training is blocked (staging: host copies of the tensors, megatron's small files) and the
+time until the background writer has published it. Bytes per rank: the files a rank wrote
+(its shard file and its ``rank_XXXXX.pt``; rank 0 also the shared metadata).
 
     python bench/checkpoint_io.py               # tiny + big, 1 and 2 ranks, ~2-3 min on 2 cores
-    python bench/checkpoint_io.py --world 4 --repeats 1
+    python bench/checkpoint_io.py --world 1 2 4 --shapes tiny 125m --repeats 1
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ VOCAB = 2048
 SHAPES = {
     "tiny": {},  # configs/tiny.yaml: 4 layers, D=128
     "big": {"layers": 8, "width": 512, "zdim": 128, "hdim": 1024},
+    "125m": {"layers": 24, "width": 768, "zdim": 128, "hdim": 1536},  # configs/125m.yaml
 }
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2)]}  # world -> (tp, dp)
 
 
 def build(shape: str, tp_size: int):
-    """(model, its Checkpointer) on this rank, Adam state filled."""
+    """(model, its synchronous and its background Checkpointer) on this rank, Adam state
+    filled."""
     import torch
     from megatron.core import parallel_state
 
@@ -56,29 +59,37 @@ def build(shape: str, tp_size: int):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    return model, Checkpointer(model, optimizer, dims)
+    background = Checkpointer(model, optimizer, dims, background=True)
+    return model, Checkpointer(model, optimizer, dims), background
 
 
 def measure(shape: str, tp_size: int, repeats: int, root: Path) -> dict:
     import torch.distributed as dist
 
-    model, checkpointer = build(shape, tp_size)
+    model, checkpointer, background = build(shape, tp_size)
     run_dir = root / f"{shape}-tp{tp_size}-w{dist.get_world_size()}"
-    saves, loads = [], []
+    saves, loads, blocked, published = [], [], [], []
     for step in range(1, repeats + 1):
         dist.barrier()
         start = time.perf_counter()
-        checkpointer.save(run_dir, step, {}, keep_last=1)
+        checkpointer.save(run_dir, 2 * step - 1, {}, keep_last=1)  # steps in order: see _prune
         saves.append(slowest(time.perf_counter() - start))
         dist.barrier()
         start = time.perf_counter()
         checkpointer.restore(run_dir)
         loads.append(slowest(time.perf_counter() - start))
-    ckpt = run_dir / "checkpoints" / f"step_{repeats:08d}"
+        dist.barrier()
+        start = time.perf_counter()
+        background.save(run_dir, 2 * step, {}, keep_last=1)
+        blocked.append(slowest(time.perf_counter() - start))
+        background.wait()
+        published.append(slowest(time.perf_counter() - start))
+    background.close()
+    ckpt = run_dir / "checkpoints" / f"step_{2 * repeats:08d}"  # the last, async one
     params = sum(p.numel() for p in model.parameters())
     return {
         "save_s": min(saves), "load_s": min(loads), "bytes": owned_bytes(ckpt),
-        "local_params": params,
+        "local_params": params, "blocked_s": min(blocked), "published_s": min(published),
     }  # fmt: skip
 
 
@@ -103,13 +114,13 @@ def owned_bytes(ckpt: Path) -> list[int]:
     return out
 
 
-def worker(rank: int, world: int, repeats: int, root: str) -> list[dict]:
+def worker(rank: int, world: int, repeats: int, root: str, shapes: list[str]) -> list[dict]:
     warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE / CUDA on CPU
     from testing.local import gloo_world
 
     results = []
     with gloo_world(rank, world):
-        for shape in SHAPES:
+        for shape in shapes:
             for tp_size, dp_size in LAYOUTS[world]:
                 result = measure(shape, tp_size, repeats, Path(root))
                 layout = {"world": world, "tp": tp_size, "dp": dp_size}
@@ -123,25 +134,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, nargs="+", default=[1, 2], choices=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=3, help="best of N save+load")
+    parser.add_argument("--shapes", nargs="+", default=["tiny", "big"], choices=list(SHAPES))
     args = parser.parse_args()
     print(f"fp32 model + AdamW state, CPU/gloo, best of {args.repeats}; slowest rank's time")
+    print("async blocked: training blocked by a checkpoint.async save; published: until the")
+    print("background writer has published it; ratio: async blocked / synchronous save")
     header = (
         f"{'shape':>5} | {'ranks':>5} | {'layout':>9} | {'params/rank':>11} | {'save s':>7} | "
-        f"{'load s':>7} | {'MiB per rank':>24} | {'MiB total':>9}"
+        f"{'load s':>7} | {'async blocked s':>15} | {'ratio':>5} | {'published s':>11} | "
+        f"{'MiB per rank':>24} | {'MiB total':>9}"
     )
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as root:
         rows = []
         for world in args.world:
-            rows.extend(run_ranks(worker, world, args.repeats, root, timeout=1800)[0])
+            rows.extend(run_ranks(worker, world, args.repeats, root, args.shapes, timeout=3600)[0])
     for r in sorted(rows, key=lambda r: (list(SHAPES).index(r["shape"]), r["world"])):
         per_rank = " ".join(f"{b / 2**20:.2f}" for b in r["bytes"])
         layout = f"TP{r['tp']}xDP{r['dp']}"
         print(
             f"{r['shape']:>5} | {r['world']:>5} | {layout:>9} | "
             f"{r['local_params'] / 1e6:>10.2f}M | {r['save_s']:>7.3f} | {r['load_s']:>7.3f} | "
-            f"{per_rank:>24} | {sum(r['bytes']) / 2**20:>9.2f}"
+            f"{r['blocked_s']:>15.3f} | {r['blocked_s'] / r['save_s']:>5.2f} | "
+            f"{r['published_s']:>11.3f} | {per_rank:>24} | {sum(r['bytes']) / 2**20:>9.2f}"
         )
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SourceConfig:
-    """One document source. Exactly one of ``path``, ``hf_name`` or ``builtin`` is set.
+    """One document source. Exactly one of ``path``, ``hf_name``, ``builtin`` or
+    ``tokenized`` is set.
 
     - ``path``: local files, a glob or a list of globs; the format comes from the
       extension (.txt/.text -> one document per line, .jsonl/.json -> ``text_field``,
@@ -19,15 +20,21 @@ class SourceConfig:
     - ``hf_name``: a Hugging Face dataset streamed from the hub (needs network).
     - ``builtin``: ``"pydoc"``, CPython's reference prose (``pydoc_data.topics``),
       available wherever Python is; one document per topic.
+    - ``tokenized``: a directory written by ``seqboat prepare data`` (token shards read by
+      memory mapping; the tokenizer must be the one that prepared it).
     """
 
     path: str | list[str] | None = None
     hf_name: str | None = None
     hf_subset: str | None = None
     builtin: str | None = None
+    tokenized: str | None = None
     split: str = "train"
     text_field: str = "text"
     weight: float = 1.0
+    # Local text files that are not valid UTF-8: "strict" stops with an error naming the
+    # file, "replace" reads bad bytes as U+FFFD.
+    errors: str = "strict"
 
 
 @dataclass
@@ -49,6 +56,9 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # Every k-th document of each source (k = round(1 / val_fraction)) is held out for validation.
     val_fraction: float = 0.05
-    # Packed samples are shuffled through a buffer of this many samples (0 = no shuffle).
+    # Packed samples are shuffled through buffers of this many samples in all, spread over the
+    # lanes (one per row of the global batch; 0 = no shuffle).
     shuffle_buffer: int = 256
     seed: int = 1234
+    # Batches prepared ahead by a background thread while the step runs (0 = in the step).
+    prefetch: int = 2

@@ -1,25 +1,27 @@
 """Deterministic, resumable, rank-aware batches from a weighted mixture of sources.
 
-Every rank computes the same *global* sample stream and keeps its rows of each global batch,
-so the data order does not depend on the data-parallel size and a run can resume on a
-different number of ranks. All randomness is counter based (``numpy`` generators seeded
-with ``[seed, stream, index]``): the state to resume is counters and buffers, no RNG state.
+The global batch's rows come from a fixed number of lanes (``data/lanes.py``), one per row,
+independent of the data-parallel size: each rank builds only the lanes of its rows, and the
+data order does not depend on the number of ranks, so a run can resume on another one. All
+randomness is counter based (``numpy`` generators seeded with ``[seed, stream, lane,
+index]``): the state to resume is counters and buffers, no RNG state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data.config import DataConfig, SourceConfig
+from data.lanes import DocumentReader, Lane, PreparedReader
 from data.packing import Packer
-from data.sources import describe, open_source
+from data.prepared import PreparedDataset
+from data.sources import documents, open_source
 from data.tokenizer import Tokenizer
-
-# Independent counter-based random streams.
-_MIXTURE, _SHUFFLE = 0, 1
 
 
 def _holdout_every(val_fraction: float) -> int:
@@ -30,85 +32,57 @@ def _holdout_every(val_fraction: float) -> int:
     return round(1 / val_fraction) if val_fraction else 0
 
 
-class _SourceStream:
-    """One source's documents on one side of the train/validation split, tokenized lazily
-    and packed. The train side repeats forever (same order each epoch); validation is one pass.
-    """
+def open_prepared(src: SourceConfig, tokenizer: Tokenizer) -> PreparedDataset:
+    """The prepared directory of a ``tokenized:`` source, checked against ``tokenizer``."""
+    dataset = PreparedDataset(src.tokenized)
+    dataset.check_tokenizer(
+        tokenizer.vocab_size, tokenizer.eos_id, getattr(tokenizer, "fingerprint", None)
+    )
+    dataset.check()
+    return dataset
+
+
+def _held_out_documents(
+    src: SourceConfig, tokenizer: Tokenizer, holdout: int
+) -> Iterator[list[int]]:
+    """The tokens of ``src``'s held-out documents (``d % holdout == holdout - 1``), in order."""
+    if src.tokenized:
+        dataset = open_prepared(src, tokenizer)
+        for d in range(holdout - 1, dataset.documents, holdout):
+            yield dataset.document(d).tolist()
+        return
+    for d, example in enumerate(documents(src, open_source(src))):
+        if d % holdout == holdout - 1:
+            yield tokenizer.encode(example["text"])
+
+
+class _ValidationStream:
+    """One source's held-out documents, tokenized lazily and packed; one pass."""
 
     def __init__(
-        self,
-        src: SourceConfig,
-        tokenizer: Tokenizer,
-        seq_length: int,
-        holdout: int,
-        validation: bool,
+        self, src: SourceConfig, tokenizer: Tokenizer, seq_length: int, holdout: int
     ) -> None:
-        self._src = src
-        self._tokenizer = tokenizer
-        self._holdout = holdout
-        self._validation = validation
         self.packer = Packer(seq_length, tokenizer.eos_id)
-        self._epoch = 0
-        self._doc_index = 0  # non-empty documents read this epoch, both sides of the split
-        # One dataset for all epochs: reopening costs a `load_dataset` call each time, and
-        # `set_epoch` would reshuffle the shards. Loading the pre-iteration state rewinds it.
-        self._dataset = open_source(src)
-        self._start = self._dataset.state_dict()
-        self._restart(self._start)
-
-    def _restart(self, dataset_state: dict) -> None:
-        self._dataset.load_state_dict(dataset_state)
-        self._documents = iter(self._dataset)
-        # `IterableDataset.state_dict()` reflects a loaded state only once iteration has
-        # started, so keep our own copy, refreshed after every example we take.
-        self._dataset_state = dataset_state
+        self._documents = _held_out_documents(src, tokenizer, holdout)
 
     def next_sample(self) -> list[int] | None:
-        """The next packed sample, or None when a validation stream runs out."""
+        """The next packed sample, or None when the held-out documents run out."""
         while not self.packer.has_sample():
-            text = self._next_document()
-            if text is None:
+            tokens = next(self._documents, None)
+            if tokens is None:
                 return None
-            self.packer.push(self._tokenizer.encode(text))
+            self.packer.push(tokens)
         return self.packer.pop()
-
-    def _next_document(self) -> str | None:
-        while True:
-            example = next(self._documents, None)
-            if example is None:
-                if self._validation:
-                    return None
-                # k >= 2, so document 0 is always a train document: no documents, no training.
-                if self._doc_index == 0:
-                    raise ValueError(f"data source {describe(self._src)} has no training documents")
-                self._epoch += 1
-                self._doc_index = 0
-                self._restart(self._start)
-                continue
-            self._dataset_state = self._dataset.state_dict()
-            held_out = self._holdout > 0 and self._doc_index % self._holdout == self._holdout - 1
-            self._doc_index += 1
-            if held_out == self._validation:
-                return example["text"]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "dataset": self._dataset_state,
-            "epoch": self._epoch,
-            "doc_index": self._doc_index,
-            "packer": self.packer.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._epoch = state["epoch"]
-        self._doc_index = state["doc_index"]
-        self.packer.load_state_dict(state["packer"])
-        self._restart(state["dataset"])
 
 
 class PretrainLoader:
     """Infinite iterator of this rank's rows of each global batch:
-    LongTensor ``[global_batch_size // dp_size, seq_length + 1]``."""
+    LongTensor ``[global_batch_size // dp_size, seq_length + 1]``.
+
+    Row ``j`` of every global batch is the next sample of lane ``j`` (``data/lanes.py``);
+    this rank builds only the lanes of its rows, so its data work is 1/``dp_size`` of the
+    global batch's and the batches (concatenated over ranks) do not depend on ``dp_size``.
+    """
 
     def __init__(
         self,
@@ -134,63 +108,64 @@ class PretrainLoader:
         if cfg.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}")
         holdout = _holdout_every(cfg.val_fraction)
-        self._cfg = cfg
         self._seq_length = seq_length
-        self._global_batch_size = global_batch_size
-        self._rows = slice(
-            dp_rank * global_batch_size // dp_size, (dp_rank + 1) * global_batch_size // dp_size
+        self._lanes = global_batch_size
+        owned = list(
+            range(
+                dp_rank * global_batch_size // dp_size, (dp_rank + 1) * global_batch_size // dp_size
+            )
         )
-        self._cumulative = np.cumsum(weights / weights.sum())
-        self._cumulative[-1] = 1.0  # so that every u in [0, 1) falls in some source
-        self._streams = [
-            _SourceStream(src, tokenizer, seq_length, holdout, validation=False)
+        cumulative = np.cumsum(weights / weights.sum())
+        cumulative[-1] = 1.0  # so that every u in [0, 1) falls in some source
+        # ``shuffle_buffer`` samples in all, spread over the lanes.
+        self._slots = -(-cfg.shuffle_buffer // self._lanes)
+        # This rank's data work: [characters tokenized, prepared tokens read] (for benches).
+        self._work = [0, 0]
+        self._readers = [
+            PreparedReader(
+                src, open_prepared(src, tokenizer), holdout, self._lanes, owned, self._work
+            )
+            if src.tokenized
+            else DocumentReader(src, tokenizer, holdout, self._lanes, owned, self._work)
             for src in cfg.sources
         ]
-        self._drawn = 0  # samples taken from the mixture
-        self._emitted = 0  # samples taken out of the shuffle buffer
-        self._shuffle: list[torch.Tensor] = []
+        eos = tokenizer.eos_id
+        self._rows = [
+            Lane(lane, self._readers, eos, seq_length, cumulative, self._slots, cfg.seed)
+            for lane in owned
+        ]
+
+    @property
+    def chars_tokenized(self) -> int:
+        """Characters of the streamed documents this rank has tokenized so far."""
+        return self._work[0]
+
+    @property
+    def samples_drawn(self) -> int:
+        """Samples this rank's lanes have taken from their mixtures (shuffle buffers included)."""
+        return sum(lane.drawn for lane in self._rows)
+
+    @property
+    def tokens_read(self) -> int:
+        """Tokens of prepared documents this rank has read so far."""
+        return self._work[1]
 
     def __iter__(self) -> PretrainLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        batch = [self._next_sample() for _ in range(self._global_batch_size)]
-        return torch.stack(batch[self._rows])
+        return torch.stack([lane.next_sample() for lane in self._rows])
 
-    def _draw(self) -> torch.Tensor:
-        """The next sample of the (unshuffled) mixture."""
-        source = 0
-        if len(self._streams) > 1:
-            u = np.random.default_rng([self._cfg.seed, _MIXTURE, self._drawn]).random()
-            source = int(np.searchsorted(self._cumulative, u, side="right"))
-        self._drawn += 1
-        return torch.tensor(self._streams[source].next_sample(), dtype=torch.int64)
-
-    def _next_sample(self) -> torch.Tensor:
-        size = self._cfg.shuffle_buffer
-        if size == 0:
-            return self._draw()
-        while len(self._shuffle) < size:
-            self._shuffle.append(self._draw())
-        rng = np.random.default_rng([self._cfg.seed, _SHUFFLE, self._emitted])
-        slot = int(rng.integers(size))
-        self._emitted += 1
-        sample, self._shuffle[slot] = self._shuffle[slot], self._draw()
-        return sample
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; identical on every data-parallel rank."""
-        return {
+    def state_dict(self, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+        """Everything needed to resume exactly: the state of every lane this rank builds, or
+        with ``group`` (the data-parallel ranks, a collective) of every lane of the run, so
+        that any rank's copy resumes any number of ranks."""
+        state = {
             "seq_length": self._seq_length,
-            "drawn": self._drawn,
-            "emitted": self._emitted,
-            "shuffle_buffer": (
-                torch.stack(self._shuffle)
-                if self._shuffle
-                else torch.empty(0, self._seq_length + 1, dtype=torch.int64)
-            ),
-            "sources": [stream.state_dict() for stream in self._streams],
+            "lanes": self._lanes,
+            "lane_states": {lane.index: lane.state_dict() for lane in self._rows},
         }
+        return gather_lane_states(state, group)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seq_length"] != self._seq_length:
@@ -198,22 +173,47 @@ class PretrainLoader:
                 f"data state was saved with seq_length {state['seq_length']}, "
                 f"this run uses {self._seq_length}"
             )
-        if len(state["sources"]) != len(self._streams):
+        if "lanes" not in state:
             raise ValueError(
-                f"data state has {len(state['sources'])} sources, the config has "
-                f"{len(self._streams)}"
+                "data state was saved by a loader without lanes (before issue 15); "
+                "it cannot be resumed by this version"
             )
-        buffered = len(state["shuffle_buffer"])
-        if buffered not in (0, self._cfg.shuffle_buffer):
+        if state["lanes"] != self._lanes:
             raise ValueError(
-                f"data state has a shuffle buffer of {buffered} samples, the config asks for "
-                f"{self._cfg.shuffle_buffer}"
+                f"data state was saved with {state['lanes']} lanes (global_batch_size), "
+                f"this run has {self._lanes}"
             )
-        self._drawn = state["drawn"]
-        self._emitted = state["emitted"]
-        self._shuffle = list(state["shuffle_buffer"].clone().unbind(0))
-        for stream, stream_state in zip(self._streams, state["sources"], strict=True):
-            stream.load_state_dict(stream_state)
+        saved = state["lane_states"]
+        missing = [lane.index for lane in self._rows if lane.index not in saved]
+        if missing:
+            raise ValueError(f"data state lacks lanes {missing[:8]} of this rank")
+        for lane in self._rows:
+            if len(saved[lane.index]["sources"]) != len(self._readers):
+                raise ValueError(
+                    f"data state has {len(saved[lane.index]['sources'])} sources, the config "
+                    f"has {len(self._readers)}"
+                )
+            lane.load_state_dict(saved[lane.index])
+        for source, reader in enumerate(self._readers):
+            reader.load_lane_states(
+                {lane.index: saved[lane.index]["sources"][source] for lane in self._rows}
+            )
+
+
+def gather_lane_states(state: dict[str, Any], group: dist.ProcessGroup | None) -> dict[str, Any]:
+    """``state`` with the lanes of every rank of ``group`` (all-gather; the identity without
+    a group or with a group of one)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return state
+    parts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, state, group=group)
+    return merge_lane_states(parts)
+
+
+def merge_lane_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state holding the lanes of all ``states`` (the ranks' :meth:`state_dict`)."""
+    lanes = {index: lane for state in states for index, lane in state["lane_states"].items()}
+    return {**states[0], "lane_states": dict(sorted(lanes.items()))}
 
 
 def validation_samples(
@@ -235,9 +235,7 @@ def validation_samples(
         raise ValueError("val_fraction is 0: there are no validation documents")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
-    streams = [
-        _SourceStream(src, tokenizer, seq_length, holdout, validation=True) for src in cfg.sources
-    ]
+    streams = [_ValidationStream(src, tokenizer, seq_length, holdout) for src in cfg.sources]
     samples: list[list[int]] = []
     while streams and len(samples) < num_samples:
         for stream in list(streams):

@@ -14,8 +14,10 @@ import platform
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
+from datasets.exceptions import DatasetNotFoundError
 
 from data.config import SourceConfig
 
@@ -34,6 +36,8 @@ def describe(src: SourceConfig) -> str:
         return f"path={src.path!r}"
     if src.hf_name is not None:
         return f"hf_name={src.hf_name!r}"
+    if src.tokenized is not None:
+        return f"tokenized={src.tokenized!r}"
     return f"builtin={src.builtin!r}"
 
 
@@ -41,22 +45,87 @@ def open_source(src: SourceConfig) -> datasets.IterableDataset:
     """Stream the non-empty documents of ``src`` as ``{"text": ...}`` examples."""
     given = [
         name
-        for name, value in (("path", src.path), ("hf_name", src.hf_name), ("builtin", src.builtin))
+        for name, value in (
+            ("path", src.path),
+            ("hf_name", src.hf_name),
+            ("builtin", src.builtin),
+            ("tokenized", src.tokenized),
+        )
         if value
     ]
     if len(given) != 1:
         raise ValueError(
-            f"a data source needs exactly one of path, hf_name or builtin; got {given or 'none'}"
+            "a data source needs exactly one of path, hf_name, builtin or tokenized; "
+            f"got {given or 'none'}"
         )
+    if src.tokenized:
+        raise ValueError(f"data source {describe(src)} holds tokens, not text")
+    if src.errors not in ("strict", "replace"):
+        raise ValueError(f"data source {describe(src)}: errors must be 'strict' or 'replace'")
     if src.path:
-        patterns = [src.path] if isinstance(src.path, str) else list(src.path)
-        dataset = _open_files(_expand(patterns), src.text_field)
+        dataset = _open_files(_source_files(src), src.text_field, src.errors)
     elif src.hf_name:
-        dataset = datasets.load_dataset(src.hf_name, src.hf_subset, split=src.split, streaming=True)
+        dataset = _load_hub(src)
         dataset = _text_column(dataset, src.text_field, describe(src))
     else:
         dataset = _open_files([str(_builtin_file(src.builtin))], "text")
     return dataset.filter(_is_document, input_columns="text")
+
+
+def documents(src: SourceConfig, dataset: datasets.IterableDataset) -> Iterator[dict[str, Any]]:
+    """Iterates ``dataset`` (``open_source(src)``); a file that is not valid UTF-8 is one
+    error naming it, not a decoder traceback."""
+    try:
+        yield from dataset
+    except UnicodeDecodeError as error:
+        raise _decode_error(src, error) from error
+
+
+def _source_files(src: SourceConfig) -> list[str]:
+    patterns = [src.path] if isinstance(src.path, str) else list(src.path or [])
+    return _expand(patterns)
+
+
+def _decode_error(src: SourceConfig, error: UnicodeDecodeError) -> ValueError:
+    where = "one of its files"
+    if src.path:  # error path only: find the file (the decoder does not say which)
+        for name in _source_files(src):
+            try:
+                Path(name).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"{name} (byte {e.start})"
+                break
+    return ValueError(
+        f"data source {describe(src)}: {where} is not valid UTF-8; set `errors: replace` "
+        "on the source to read bad bytes as U+FFFD"
+    )
+
+
+def _load_hub(src: SourceConfig) -> datasets.IterableDataset:
+    """A hub dataset, streamed; says whether the name or the network failed."""
+    try:
+        return datasets.load_dataset(src.hf_name, src.hf_subset, split=src.split, streaming=True)
+    except DatasetNotFoundError as e:
+        raise ValueError(
+            f"data source {describe(src)}: no such dataset on the Hugging Face hub (the hub "
+            f"answered: the name failed, not the network): {_first_line(e)}"
+        ) from e
+    except (ConnectionError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise ValueError(f"data source {describe(src)}: {_first_line(e)}") from e
+        offline = (
+            "offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)"
+            if (datasets.config.HF_HUB_OFFLINE)
+            else "is the network down or firewalled?"
+        )
+        raise ValueError(
+            f"data source {describe(src)}: the Hugging Face hub cannot be reached (the "
+            f"network failed, not the name; {offline}): {_first_line(e)}"
+        ) from e
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def iter_texts(sources: list[SourceConfig], max_bytes: int) -> Iterator[str]:
@@ -64,14 +133,23 @@ def iter_texts(sources: list[SourceConfig], max_bytes: int) -> Iterator[str]:
 
     The document that crosses ``max_bytes`` is yielded whole; exhausted sources drop out.
     """
-    streams = [iter(open_source(src)) for src in sources]
+    # Prepared sources hold tokens, not text: a tokenizer trains on the text sources.
+    text_sources = [src for src in sources if src.tokenized is None]
+    streams = {i: documents(src, open_source(src)) for i, src in enumerate(text_sources)}
+    seen = dict.fromkeys(streams, 0)
     total = 0
     while streams:
-        for stream in list(streams):
+        for i, stream in list(streams.items()):
             example = next(stream, None)
             if example is None:
-                streams.remove(stream)
+                if not seen[i]:
+                    raise ValueError(
+                        f"data source {describe(text_sources[i])} has no documents (it is "
+                        "empty or all whitespace)"
+                    )
+                del streams[i]
                 continue
+            seen[i] += 1
             yield example["text"]
             total += len(example["text"].encode())
             if total >= max_bytes:
@@ -107,7 +185,9 @@ def _expand(patterns: list[str]) -> list[str]:
     return list(files)
 
 
-def _open_files(files: list[str], text_field: str) -> datasets.IterableDataset:
+def _open_files(
+    files: list[str], text_field: str, errors: str = "strict"
+) -> datasets.IterableDataset:
     suffixes = sorted({Path(f).suffix.lower() for f in files})
     unknown = [s for s in suffixes if s not in _BUILDERS]
     if unknown:
@@ -123,7 +203,11 @@ def _open_files(files: list[str], text_field: str) -> datasets.IterableDataset:
         False,
     )
     try:
-        dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        # Parquet stores typed strings: no decoding to configure.
+        decoding = {} if builder == "parquet" else {"encoding_errors": errors}
+        dataset = datasets.load_dataset(
+            builder, data_files=files, split="train", streaming=True, **decoding
+        )
     finally:
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
     if builder == "text":  # one document per line, always in the "text" column

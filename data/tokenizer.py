@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -14,7 +15,7 @@ import sentencepiece as spm
 import torch
 
 from data.config import SourceConfig, TokenizerConfig
-from data.sources import iter_texts, write_atomic
+from data.sources import describe, iter_texts, write_atomic
 
 # sentencepiece silently drops training sentences longer than this many bytes.
 _MAX_SENTENCE_BYTES = 4192
@@ -40,6 +41,7 @@ class ByteTokenizer:
 
     vocab_size = 257
     eos_id = 256
+    fingerprint = "bytes"  # names the tokenizer in prepared data's manifests
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
@@ -58,6 +60,8 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        # Names the tokenizer in prepared data's manifests.
+        self.fingerprint = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
         self.vocab_size: int = self._sp.get_piece_size()
         self.eos_id: int = self._sp.eos_id()
         self._meta_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
@@ -89,10 +93,29 @@ class SentencePieceTokenizer:
 
 
 def train_sentencepiece(
-    texts: Iterable[str], path: str | os.PathLike, vocab_size: int, model_type: str = "bpe"
+    texts: Iterable[str],
+    path: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    sources: str = "",
 ) -> SentencePieceTokenizer:
-    """Train a lossless sentencepiece model on ``texts`` and write it atomically to ``path``."""
+    """Train a lossless sentencepiece model on ``texts`` and write it atomically to ``path``
+    (``sources`` names where the texts come from, for error messages)."""
     model = io.BytesIO()
+    try:
+        _train(texts, model, vocab_size, model_type)
+    except RuntimeError as error:  # sentencepiece's C++ check failures
+        # "INTERNAL: src/x.cc(744) [check] message": keep the message.
+        message = re.sub(r"^\w+: \S+\(\d+\) \[.*?\]\s*", "", str(error)).strip()
+        raise ValueError(
+            f"sentencepiece could not train a {vocab_size}-token {model_type} model on "
+            f"{sources or 'the given texts'}: {message or 'no training sentences'}"
+        ) from error
+    write_atomic(path, model.getvalue())
+    return SentencePieceTokenizer(path)
+
+
+def _train(texts: Iterable[str], model: io.BytesIO, vocab_size: int, model_type: str) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_sentences(texts),
         model_writer=model,
@@ -111,8 +134,6 @@ def train_sentencepiece(
         max_sentence_length=_MAX_SENTENCE_BYTES,
         minloglevel=2,
     )
-    write_atomic(path, model.getvalue())
-    return SentencePieceTokenizer(path)
 
 
 def build_tokenizer(cfg: TokenizerConfig, sources: list[SourceConfig]) -> Tokenizer:
@@ -129,7 +150,8 @@ def build_tokenizer(cfg: TokenizerConfig, sources: list[SourceConfig]) -> Tokeni
             flush=True,
         )
         texts = iter_texts(sources, cfg.train_bytes)
-        return train_sentencepiece(texts, cfg.path, cfg.vocab_size, cfg.model_type)
+        names = ", ".join(describe(src) for src in sources if src.tokenized is None)
+        return train_sentencepiece(texts, cfg.path, cfg.vocab_size, cfg.model_type, names)
     tokenizer = SentencePieceTokenizer(cfg.path)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(

@@ -13,8 +13,8 @@ from torch import nn
 from data.tokenizer import Tokenizer, build_tokenizer
 from parallel.dims import ParallelDims
 from parallel.grads import OverlappedGradReduce
+from parallel.materialize import draw_seed
 from parallel.pipeline import PipelinePlace
-from parallel.tensor import shard_state_dict
 from parallel.world import World
 from pretrain.config import Config, ConfigError, OptimizerConfig, micro_batches_per_step
 from pretrain.model.lm import LanguageModel
@@ -43,8 +43,9 @@ def parallel_dims_for(cfg: Config, world: World) -> ParallelDims:
     sizes = ParallelSizes(tensor=p.tensor, pipeline=p.pipeline, context=p.context)
     if world.world_size > 1 or cfg.optimizer.zero_stage or sizes.model_parallel > 1:
         return init_distributed(
-            sizes, world, sequence_parallel=p.sequence_parallel, dispatch=p.dispatch
-        )
+            sizes, world, timeout_s=cfg.train.timeout_s, sequence_parallel=p.sequence_parallel,
+            dispatch=p.dispatch,
+        )  # fmt: skip
     return ParallelDims.single(select_device(cfg))
 
 
@@ -76,22 +77,19 @@ def model_chunks_for(
     place: PipelinePlace | None = None,
 ) -> list[LanguageModel]:
     """This rank's model chunks: one per stage of ``place`` (pipeline parallelism; several
-    with virtual stages), else the one model. Every rank builds the single-process model
-    from the same seed and keeps its shard (``shard_state_dict`` takes the keys each chunk
-    has), so a parallel run starts from exactly the weights of one process."""
+    with virtual stages), else the one model. Each chunk materializes only its shards of
+    the single-process model of one seed, drawn once from the default stream (seeded alike
+    on every rank; ``LanguageModel``, parallel/materialize.py), so a parallel run starts from
+    exactly the weights of one process and no rank ever holds the whole model."""
     dims = dims or ParallelDims.single()
-    model = LanguageModel(cfg.model, vocab_size)
-    pipelined = place is not None and place.active
-    tp, cp = dims.tensor, dims.context
-    if tp.active or cp.active or pipelined:
-        full = model.state_dict()
-        stages = place.stages if pipelined else [None]
-        chunks = [LanguageModel(cfg.model, vocab_size, tp, cp, stage) for stage in stages]
-        for chunk in chunks:
-            chunk.load_state_dict(shard_state_dict(full, chunk, tp))
-    else:
-        chunks = [model]
-    return [c.to(device=device, dtype=DTYPES[cfg.train.precision]) for c in chunks]
+    stages = place.stages if place is not None and place.active else [None]
+    seed = draw_seed()  # one seed for all chunks: they are parts of one model
+    with torch.device(device):  # shards go straight to the device, one at a time
+        chunks = [
+            LanguageModel(cfg.model, vocab_size, dims.tensor, dims.context, stage, seed=seed)
+            for stage in stages
+        ]
+    return [c.to(dtype=DTYPES[cfg.train.precision]) for c in chunks]
 
 
 def optimizer_for(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:

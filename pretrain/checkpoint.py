@@ -22,6 +22,9 @@ reported by name; loading then falls back to the previous complete checkpoint.
 Test hook: ``SEQBOAT_CHECKPOINT_PAUSE=<step>:<path>`` makes the save of that step stop
 after this rank's files are written, create ``<path>.rank<N>`` (holding its pid), and wait
 until ``<path>`` exists -- a deterministic moment to kill a rank in the middle of a save.
+``SEQBOAT_CHECKPOINT_WRITE_PAUSE`` does the same before the rank writes anything but the
+small staged files (for the background writer of ``checkpoint.async``: training goes on
+meanwhile).
 
 Over 400 lines on purpose: the format's guarantees (write order, fsyncs, checksums,
 publication, fallback on load) hold only together, and are reviewed together here.
@@ -30,7 +33,10 @@ publication, fallback on load) hold only together, and are reviewed together her
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -38,6 +44,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,7 @@ LATEST = "latest"
 META = "meta.json"
 SHARDED = "model"  # the dist_checkpointing folder inside a step
 PAUSE_ENV = "SEQBOAT_CHECKPOINT_PAUSE"
+WRITE_PAUSE_ENV = "SEQBOAT_CHECKPOINT_WRITE_PAUSE"
 
 # Builds the sharded state dict to load into from this rank's loaded file (the optimizer's
 # state shapes are in it).
@@ -87,33 +95,84 @@ def save_checkpoint(
 
     Collective when a process group is initialized: every rank must call it.
     """
+    staged = stage_checkpoint(run_dir, step, state, keep_last, sizes, sharded, extra)
+    return write_checkpoint(staged)
+
+
+@dataclass
+class StagedCheckpoint:
+    """A checkpoint whose small files are written and whose tensors and rank file wait in
+    memory (``write_checkpoint`` writes and publishes it)."""
+
+    run_dir: Path
+    step: int
+    keep_last: int
+    layout: dict[str, int]
+    rank_file: bytes  # this rank's ``torch.save``d state
+    shards: Callable[[dist.ProcessGroup | None], None] | None  # writes this rank's shards
+
+
+def stage_checkpoint(
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int = 0,
+    sizes: dict[str, int] | None = None,
+    sharded: dict[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
+    host_buffers: dict[Any, torch.Tensor] | None = None,
+) -> StagedCheckpoint:
+    """The part of a save that must happen at the step (collective on the default group):
+    the ``step_X.tmp`` folder, megatron-core's small files, ``extra``'s files and this
+    rank's serialized state. With ``host_buffers`` the tensors are copied into host memory
+    (those buffers, kept from save to save), so training may change the originals while
+    ``write_checkpoint`` runs in the background."""
     rank, world_size = _rank_and_world()
-    root = checkpoint_dir(run_dir)
-    final = root / step_name(step)
-    tmp = root / (step_name(step) + ".tmp")
+    tmp = _tmp_folder(run_dir, step)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a save that was killed
             shutil.rmtree(tmp)
         (tmp / SHARDED).mkdir(parents=True)
     _barrier()
+    shards = None
     if sharded is not None:
-        _save_sharded(sharded, tmp / SHARDED)
+        if host_buffers is not None:
+            sharded = _host_copy(sharded, host_buffers)
+        shards = _stage_sharded(sharded, tmp / SHARDED)
     if extra is not None:
         extra(tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # serialized now: the caller's objects may change afterwards
+    layout = sizes or _data_parallel_only(world_size)
+    return StagedCheckpoint(Path(run_dir), step, keep_last, layout, buffer.getvalue(), shards)
+
+
+def write_checkpoint(staged: StagedCheckpoint, group: dist.ProcessGroup | None = None) -> Path:
+    """Writes what ``stage_checkpoint`` kept in memory and publishes the checkpoint once
+    every rank has: collective over ``group`` (all ranks; default: the default group), so
+    that a background thread can run it on a group of its own."""
+    rank, world_size = _rank_and_world()
+    root = checkpoint_dir(staged.run_dir)
+    final = root / step_name(staged.step)
+    tmp = _tmp_folder(staged.run_dir, staged.step)
+    _pause_for_tests(staged.step, rank, WRITE_PAUSE_ENV)
+    if staged.shards is not None:
+        staged.shards(group)
     path = tmp / rank_file(rank)
-    torch.save(state, path)
+    with open(path, "wb") as f:
+        f.write(staged.rank_file)
     _fsync(path)
-    _pause_for_tests(step, rank)
-    _barrier()  # every rank's files are complete
-    checksums = {k: v for part in _gather(_hash_own_files(tmp, rank)) for k, v in part.items()}
+    _pause_for_tests(staged.step, rank)
+    _barrier(group)  # every rank's files are complete
+    own = _hash_own_files(tmp, rank)
+    checksums = {k: v for part in _gather(own, group) for k, v in part.items()}
     if rank == 0:
         meta = {
             "format": FORMAT_VERSION,
-            "step": step,
+            "step": staged.step,
             "world_size": world_size,
-            "layout": sizes or _data_parallel_only(world_size),
-            "sharded": sharded is not None,
+            "layout": staged.layout,
+            "sharded": staged.shards is not None,
             "sha256": dict(sorted(checksums.items())),
         }
         _write_atomic(tmp / META, json.dumps(meta, indent=1))
@@ -123,21 +182,67 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync(root)
         _write_atomic(root / LATEST, final.name + "\n")
-        if keep_last > 0:
-            _prune(root, keep_last)
-    _barrier()
+        if staged.keep_last > 0:
+            _prune(root, staged.keep_last)
+    _barrier(group)
     return final
 
 
-def _save_sharded(sharded: dict[str, Any], folder: Path) -> None:
+def _tmp_folder(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / (step_name(step) + ".tmp")
+
+
+def _stage_sharded(
+    sharded: dict[str, Any], folder: Path
+) -> Callable[[dist.ProcessGroup | None], None]:
+    """megatron-core's ``dist_checkpointing.save`` with a strategy that keeps the tensors
+    to write: it checks the sharding and writes its small files (``common.pt``,
+    ``metadata.json``) now; the returned function writes the shards."""
     from megatron.core import dist_checkpointing
 
+    strategy = _deferred_save()
     with _process_group():
-        dist_checkpointing.save(sharded, str(folder), sharded_strategy=_sync_save())
+        dist_checkpointing.save(sharded, str(folder), sharded_strategy=strategy)
+    return strategy.write
 
 
-def _sync_save_strategy_class() -> type:
-    """megatron-core's ``torch_dist`` format, written synchronously by the calling process.
+def _host_copy(sharded: dict[str, Any], buffers: dict[Any, torch.Tensor]) -> dict[str, Any]:
+    """``sharded`` with every tensor (and sharded object) copied to host memory: into
+    ``buffers`` (allocated on the first save, pinned for a GPU, and reused: a copy into
+    memory already touched is several times faster than a fresh clone), non-blocking from a
+    GPU. The caller must not reuse the buffers before the previous copy is written."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    on_gpu = False
+
+    def host(name: Any, t: torch.Tensor) -> torch.Tensor:
+        nonlocal on_gpu
+        buffer = buffers.get(name)
+        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
+            pin = t.device.type == "cuda"
+            buffer = buffers[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        on_gpu |= t.device.type != "cpu"
+        return buffer.copy_(t.detach(), non_blocking=True)
+
+    def copy_one(value: Any) -> Any:
+        if isinstance(value, ShardedTensor):
+            name = (value.key, value.global_offset)
+            return dataclasses.replace(value, data=host(name, value.data))
+        if isinstance(value, ShardedObject):
+            return dataclasses.replace(value, data=copy.deepcopy(value.data))
+        return copy.deepcopy(value)
+
+    out = dict_list_map_outplace(copy_one, sharded)
+    if on_gpu:
+        torch.cuda.synchronize()  # the non-blocking copies are complete
+    return out
+
+
+def _deferred_save_class() -> type:
+    """megatron-core's ``torch_dist`` format, written by the calling process when it calls
+    ``write`` (at once for a synchronous save, from a background thread for an asynchronous
+    one).
 
     megatron's own writer forks a writer process per save and reports through a spawned
     ``Manager`` process: that fails in daemonic processes, leaves orphans when a rank is
@@ -153,39 +258,49 @@ def _sync_save_strategy_class() -> type:
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
-    class SyncSave(SaveShardedStrategy):
+    class DeferredSave(SaveShardedStrategy):
         def __init__(self) -> None:
             super().__init__("torch_dist", 1)
+            self.pending: tuple[dict[str, Any], Path] | None = None
 
         def save(self, sharded_state_dict: dict[str, Any], checkpoint_dir: Path) -> None:
             # Only main replicas (replica id all zeros) are written.
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+            self.pending = (mcore_to_pyt_state_dict(flat, False), Path(checkpoint_dir))
+
+        def write(self, group: dist.ProcessGroup | None) -> None:
+            assert self.pending is not None, "write() before dist_checkpointing.save()"
+            state, folder = self.pending
+            self.pending = None
             dcp_save(
-                mcore_to_pyt_state_dict(flat, False),
+                state,
                 storage_writer=FileSystemWriter(
-                    checkpoint_dir, single_file_per_rank=True, sync_files=True, thread_count=1
+                    folder, single_file_per_rank=True, sync_files=True, thread_count=1
                 ),
                 planner=MCoreSavePlanner(
                     flatten_state_dict=False, can_run_decentralized_global_plan=False
                 ),
+                process_group=group,
+                no_dist=_rank_and_world()[1] == 1,
             )
 
         @property
         def can_handle_sharded_objects(self) -> bool:
             return True
 
-    return SyncSave
+    return DeferredSave
 
 
-def _sync_save() -> Any:
-    """A ``SyncSave`` strategy (the class is built on first use: megatron imports slowly)."""
-    global _SYNC_SAVE
-    if _SYNC_SAVE is None:
-        _SYNC_SAVE = _sync_save_strategy_class()
-    return _SYNC_SAVE()
+def _deferred_save() -> Any:
+    """A ``DeferredSave`` strategy (the class is built on first use: megatron imports
+    slowly)."""
+    global _DEFERRED_SAVE
+    if _DEFERRED_SAVE is None:
+        _DEFERRED_SAVE = _deferred_save_class()
+    return _DEFERRED_SAVE()
 
 
-_SYNC_SAVE: type | None = None
+_DEFERRED_SAVE: type | None = None
 
 
 @contextlib.contextmanager
@@ -205,9 +320,9 @@ def _process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _pause_for_tests(step: int, rank: int) -> None:
-    """The ``SEQBOAT_CHECKPOINT_PAUSE`` hook (see the module docstring)."""
-    spec = os.environ.get(PAUSE_ENV, "")
+def _pause_for_tests(step: int, rank: int, env: str = PAUSE_ENV) -> None:
+    """The ``SEQBOAT_CHECKPOINT_PAUSE`` and ``..._WRITE_PAUSE`` hooks (module docstring)."""
+    spec = os.environ.get(env, "")
     at, _, path = spec.partition(":")
     if not path or int(at) != step:
         return
@@ -394,18 +509,18 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if _rank_and_world()[1] > 1:
-        dist.barrier()
+        dist.barrier(group)
 
 
-def _gather(obj: Any) -> list[Any]:
+def _gather(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     """``obj`` from every rank, in rank order (just ``[obj]`` on one process)."""
     world_size = _rank_and_world()[1]
     if world_size == 1:
         return [obj]
     out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -36,6 +36,7 @@ from parallel.sharding import (
     optimizer_sharded_state_dict,
     spread_writes,
 )
+from pretrain.background_save import BackgroundWriter
 from pretrain.checkpoint import (
     SHARDED,
     complete_checkpoints,
@@ -44,8 +45,9 @@ from pretrain.checkpoint import (
     load_sharded,
     read_meta,
     remove_partial,
-    save_checkpoint,
+    stage_checkpoint,
     verify_files,
+    write_checkpoint,
 )
 from pretrain.config import Config, ConfigError, config_from_dict, parse_yaml
 
@@ -95,12 +97,17 @@ class Checkpointer:
         dims: ParallelDims,
         zero: ZeroEngine | None = None,
         spread: bool = True,
+        background: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.dims = dims
         self.zero = zero
         self.spread = spread
+        # checkpoint.async: saves are written and published by a background thread, from
+        # host copies of the tensors kept from save to save.
+        self.writer = BackgroundWriter() if background else None
+        self.host_buffers: dict[Any, torch.Tensor] = {}
 
     def place(self) -> Place:
         """This rank's place for the sharded tensors: its tensor-parallel shard, which data x
@@ -141,19 +148,57 @@ class Checkpointer:
             record[key] = merge_over_stages(record[key], self.dims)
         return record
 
-    def save(self, run_dir: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> float:
+    def save(
+        self,
+        run_dir: Path,
+        step: int,
+        state: dict[str, Any],
+        keep_last: int = 0,
+        background: bool | None = None,
+    ) -> float:
         """Writes the checkpoint of ``step`` (``state``: the caller's entries of this rank's
-        file) and publishes it; returns the seconds it took."""
+        file) and publishes it; returns the seconds the caller was blocked.
+
+        In the background (the default with a writer; ``background=False`` forces a
+        synchronous save, after the one in flight): the tensors are copied to host memory
+        and the writer thread writes and publishes them while training goes on. DeepSpeed's
+        ZeRO files are written at once in either case (its engine writes them itself)."""
         start = time.perf_counter()
+        background = self.writer is not None if background is None else background
+        if self.writer is not None:
+            self.writer.join()  # one save in flight at a time
+        elif background:
+            raise ValueError("a background save needs Checkpointer(background=True)")
         zero = self.zero
         with zero.gathered() if zero is not None else contextlib.nullcontext():
             sharded = self.sharded_state_dict()  # whole parameters, also under ZeRO-3
-        save_checkpoint(
+        staged = stage_checkpoint(
             run_dir, step, {**state, "optimizer": self._optimizer_record()}, keep_last,
             self.dims.sizes(), sharded,
             None if zero is None else lambda folder: zero.save(folder / ZERO_DIR, ZERO_TAG),
+            self.host_buffers if background else None,
         )  # fmt: skip
+        if background:
+            self.writer.submit(staged)
+        else:
+            write_checkpoint(staged)
         return time.perf_counter() - start
+
+    def wait(self) -> tuple[int, float] | None:
+        """Blocks until a background save in flight is published: (step, seconds its writing
+        took) of a background save completed since the last call, else None."""
+        return self.writer.wait() if self.writer is not None else None
+
+    def poll(self) -> tuple[int, float] | None:
+        """Like ``wait`` without blocking: None while the save is in flight."""
+        return self.writer.poll() if self.writer is not None else None
+
+    def close(self) -> None:
+        """Waits for a background save in flight and releases the writer (collective); later
+        saves are synchronous."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def restore(self, run_dir: Path) -> Restored | None:
         """Loads the newest usable checkpoint of ``run_dir`` into the model and optimizer

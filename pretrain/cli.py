@@ -2,11 +2,16 @@
 
     seqboat train [--config FILE] [key.sub=value ...]
     seqboat prepare tokenizer [--config FILE] [key.sub=value ...]
+    seqboat prepare data [--config FILE] --out DIR [--workers N] [--parts P] [...]
+    seqboat prepare enwik8 --zip enwik8.zip [--out data/enwik8]
     seqboat eval [--config FILE | --run-dir DIR] [key.sub=value ...]
     seqboat generate [--config FILE | --run-dir DIR] [--prompt TEXT] [...]
     seqboat plot RUN_DIR
+    seqboat export --run-dir DIR [--step N] --out FOLDER [--force]
+    seqboat lm-eval --run-dir DIR --tasks T1,T2 [--include-path DIR] [--batch-size B] [...]
     seqboat slurm submit [--config FILE] [--nodes N --gpus-per-node G ... --dry-run] [k=v ...]
     seqboat slurm status RUN_DIR
+    seqboat plan [--config FILE] --nodes N --gpus-per-node G --gpu-memory 80GiB [k=v ...]
 
 Bad input ends with one ``seqboat: error: ...`` line and exit status 2; nothing is lost.
 """
@@ -14,6 +19,7 @@ Bad input ends with one ``seqboat: error: ...`` line and exit status 2; nothing 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -40,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="prepare assets of a run")
     what = prepare.add_subparsers(dest="what", required=True)
     _add_config_args(what.add_parser("tokenizer", help="train the sentencepiece tokenizer"))
+    _add_prepare_data_args(what.add_parser("data", help="tokenize the sources into shards"))
+    enwik8 = what.add_parser("enwik8", help="split enwik8 into the paper's 90M/5M/5M bytes")
+    enwik8.add_argument("--zip", required=True, help="enwik8.zip, or the unzipped enwik8 file")
+    enwik8.add_argument("--out", default="data/enwik8", help="default: data/enwik8")
     _add_run_args(sub.add_parser("eval", help="validation loss, perplexity, bits per byte"))
     gen = sub.add_parser("generate", help="sample text from a trained run")
     _add_run_args(gen)
@@ -52,7 +62,52 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
     _add_slurm_args(sub.add_parser("slurm", help="Slurm batch jobs that requeue themselves"))
+    _add_plan_args(sub.add_parser("plan", help="per-rank memory and the layouts that fit"))
+    export = sub.add_parser("export", help="a checkpoint as a Hugging Face model folder")
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--step", type=int, help="default: the newest checkpoint")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size")
+    lm_eval = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint")
+    lm_eval.add_argument("--run-dir", required=True)
+    lm_eval.add_argument("--step", type=int, help="default: the newest checkpoint")
+    lm_eval.add_argument("--tasks", required=True, help="comma-separated task names")
+    lm_eval.add_argument("--include-path", help="a folder of your own task YAML files")
+    lm_eval.add_argument("--batch-size", type=int, default=8)
+    lm_eval.add_argument("--max-length", type=int, help="default: the run's seq_length")
+    lm_eval.add_argument("--limit", type=float, help="items per task (a fraction if < 1)")
+    lm_eval.add_argument("--num-fewshot", type=int)
+    lm_eval.add_argument("--device", default="cpu")
+    lm_eval.add_argument("--output", help="write the harness's results JSON here")
     return ap
+
+
+def _add_prepare_data_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output folder (a subfolder per source if many)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument(
+        "--parts", type=int, default=16,
+        help="units of parallel work, shared by workers and Slurm array tasks (default 16)",
+    )  # fmt: skip
+    p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard file")
+    p.add_argument("--block-documents", type=int, default=1000, help="documents per block")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", required=True, help="per GPU, e.g. 80GiB, 80GB, 81920MiB")
+    p.add_argument(
+        "--activation-ratio", type=float, default=1.0,
+        help="fraction of tokens the GAU runs on (default 1.0: every token, the upper bound)",
+    )  # fmt: skip
+    p.add_argument("--layout", help="the layout to break down, e.g. tp=2,pp=4,zero=1,"
+                   "recompute=layer (default: the config's)")  # fmt: skip
+    p.add_argument("--show", type=int, default=15, help="layouts to list (fitting; not)")
+    p.add_argument("--all", action="store_true", help="list every layout that does not fit")
 
 
 def _add_slurm_args(slurm: argparse.ArgumentParser) -> None:
@@ -120,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seqboat: interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
+    except Exception as e:
+        from parallel.timeouts import EXIT_COLLECTIVE_TIMEOUT, collective_timeout
+        from parallel.world import detect_world
+
+        timeout = collective_timeout(e)
+        if timeout is None:
+            raise
+        rank = detect_world().rank
+        print(f"seqboat: error: {timeout.message(rank, socket.gethostname())}", file=sys.stderr)
+        return EXIT_COLLECTIVE_TIMEOUT
 
 
 def _config(args: argparse.Namespace):
@@ -162,7 +227,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from pretrain.build import tokenizer_for
 
+    if args.what == "enwik8":
+        from data.prepare import split_enwik8
+
+        for path in split_enwik8(args.zip, args.out):
+            print(f"wrote {path}")
+        return 0
     cfg = _config(args)
+    if args.what == "data":
+        from data.prepare import PrepareOptions, prepare_sources
+
+        options = PrepareOptions(args.shard_tokens, args.block_documents, args.parts)
+        prepare_sources(cfg.data, args.out, options, args.workers)  # its share, at least
+        return 0
     tok = tokenizer_for(cfg)
     print(f"tokenizer: {cfg.data.tokenizer.path} ({tok.vocab_size} tokens)")
     return 0
@@ -229,6 +306,48 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.hf.export import export
+
+    trained = export(Path(args.run_dir), Path(args.out), args.step, args.force, args.max_shard_size)
+    print(f"exported step {trained.step} of {args.run_dir} to {args.out}")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from pretrain.hf import require
+
+    require("lm_eval", what="seqboat lm-eval")
+    from pretrain.hf.lm_eval_adapter import SeqBoatLM, evaluate_tasks, task_metrics
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    lm = SeqBoatLM(args.run_dir, args.step, args.batch_size, args.max_length, args.device)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = evaluate_tasks(lm, tasks, args.include_path, limit, args.num_fewshot)
+    for name, value in task_metrics(results).items():
+        print(f"{name}: {value:.6g}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pretrain import plan
+    from pretrain.config import ConfigError
+
+    cfg = _config(args)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    world = args.nodes * args.gpus_per_node
+    memory = plan.parse_memory(args.gpu_memory)
+    given = plan.parse_layout(args.layout, cfg, world) if args.layout else None
+    result = plan.plan(cfg, world, memory, args.activation_ratio, given, args.gpus_per_node)
+    print(plan.format_plan(result, memory, args.activation_ratio, args.show, args.all))
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "prepare": cmd_prepare,
@@ -236,4 +355,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "plot": cmd_plot,
     "slurm": cmd_slurm,
+    "plan": cmd_plan,
+    "export": cmd_export,
+    "lm-eval": cmd_lm_eval,
 }

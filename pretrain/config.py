@@ -10,8 +10,10 @@ file, so that a reader checking a key finds all three together.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -81,6 +83,10 @@ class TrainConfig:
     eval_interval: int = 100
     eval_samples: int = 32
     max_nonfinite_in_a_row: int = 5
+    # Seconds a collective may wait for the other ranks before the run fails naming it
+    # (megatron-core's groups round up to whole minutes). A hung rank must not hold the job
+    # until the Slurm limit.
+    timeout_s: float = 600.0
     # Every this many steps, log a heat map of the tokens each layer activated (the first
     # sequence of the step's batch) to W&B as an image; 0: never.
     heatmap_interval: int = 0
@@ -95,6 +101,9 @@ class TrainConfig:
     # torch.compile the training forward (dynamic shapes: the routing changes the GAU's
     # lengths every step). One process or data parallelism only.
     compile: bool = False
+    # Activation recompute: none | gau (the attention part of each SeqBoat layer is run again
+    # in backward) | layer (each layer keeps only its input). pretrain/model/recompute.py.
+    recompute: str = "none"
     # [start, end]: a torch.profiler trace of those steps (1-based, inclusive) on these ranks,
     # into <run_dir>/profile/; empty: none.
     profile_steps: list[int] = field(default_factory=list)
@@ -127,6 +136,9 @@ class OptimizerConfig:
 class CheckpointConfig:
     interval: int = 100
     keep_last: int = 2
+    # ``checkpoint.async`` in YAML (a Python keyword): the step that saves copies the state to
+    # host memory and trains on while a background thread writes and publishes the files.
+    async_save: bool = field(default=False, metadata={"key": "async"})
 
 
 @dataclass
@@ -159,6 +171,19 @@ class ParallelConfig:
 
 
 @dataclass
+class EvalConfig:
+    """lm-evaluation-harness tasks run every ``train.eval_interval`` steps (and at the start
+    and end) on the logging rank, logged beside the validation loss as
+    ``val/tasks/<task>/<metric>``. Needs the [hf] extra."""
+
+    tasks: list[str] = field(default_factory=list)  # harness task names; empty: none
+    include_path: str | None = None  # a folder of your own task YAML files
+    limit: int = 0  # items per task (0: all)
+    num_fewshot: int | None = None
+    batch_size: int = 8
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     dir: str | None = None  # default: runs/<name>
@@ -174,13 +199,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir if self.run.dir else Path("runs") / self.run.name)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _keyed(self)
 
 
 # --------------------------------------------------------------------------- loading
@@ -276,17 +302,35 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = {_key(f): f.name for f in dataclasses.fields(cls)}  # config key -> field name
     hints = typing.get_type_hints(cls)
     for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(f"unknown key {prefix}{key}{hint}")
     kwargs = {
-        name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw
+        name: _coerce(hints[name], raw[key], f"{prefix}{key}")
+        for key, name in names.items()
+        if key in raw
     }
     return cls(**kwargs)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's key in the config files: its name, unless that is a Python keyword."""
+    return f.metadata.get("key", f.name)
+
+
+def _keyed(obj: Any) -> Any:
+    """``dataclasses.asdict`` with the config files' keys."""
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _keyed(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_keyed(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _keyed(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -337,6 +381,12 @@ def validate(cfg: Config) -> None:
     _choice("model.norm", m.norm, NORM_KINDS)
     _choice("train.precision", t.precision, ("fp32", "bf16", "fp64"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("train.recompute", t.recompute, ("none", "gau", "layer"))
+    if t.recompute != "none" and m.arch != "seqboat":
+        raise ConfigError("train.recompute is implemented for model.arch=seqboat only")
+    if t.recompute != "none" and t.compile:
+        # Compiled dropout draws from inductor's own RNG: the recompute could not replay it.
+        raise ConfigError("train.recompute does not combine with train.compile")
     _choice("optimizer.name", o.name, ("adamw", "radam"))
     _choice("optimizer.decay", o.decay, ("cosine", "linear", "constant", "wsd"))
     _choice("optimizer.decay_shape", o.decay_shape, ("linear", "cosine", "1-sqrt"))
@@ -368,6 +418,7 @@ def validate(cfg: Config) -> None:
         ("train.log_interval", t.log_interval), ("train.eval_interval", t.eval_interval),
         ("train.eval_samples", t.eval_samples),
         ("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row),
+        ("train.timeout_s", t.timeout_s),
         ("checkpoint.interval", cfg.checkpoint.interval),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last),
         ("data.tokenizer.vocab_size", d.tokenizer.vocab_size),
@@ -409,6 +460,7 @@ def validate(cfg: Config) -> None:
     if o.clip_grad < 0:
         raise ConfigError(f"optimizer.clip_grad must be >= 0 (0 = off), got {o.clip_grad}")
     _validate_parallel(cfg)
+    _validate_eval(cfg.eval)
     if not 0.0 <= d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction must be in [0, 0.5), got {d.val_fraction}")
     if not d.sources:
@@ -482,6 +534,20 @@ def _validate_pipeline(cfg: Config) -> None:
         raise ConfigError("parallel.pipeline > 1 is implemented for model.arch=seqboat only")
 
 
+def _validate_eval(e: EvalConfig) -> None:
+    if e.limit < 0 or e.batch_size <= 0 or (e.num_fewshot is not None and e.num_fewshot < 0):
+        raise ConfigError(
+            f"eval.limit ({e.limit}) and eval.num_fewshot ({e.num_fewshot}) must be >= 0 and "
+            f"eval.batch_size ({e.batch_size}) positive"
+        )
+    if any(not t.strip() for t in e.tasks):
+        raise ConfigError(f"eval.tasks has an empty task name: {e.tasks}")
+    if e.include_path is not None and not Path(e.include_path).is_dir():
+        raise ConfigError(f"eval.include_path: no such folder: {e.include_path}")
+    if e.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval.tasks needs lm-eval: pip install -c constraints.txt -e '.[hf]'")
+
+
 def _validate_zero(cfg: Config) -> None:
     stage = cfg.optimizer.zero_stage
     if stage not in (0, 1, 2, 3):
@@ -494,11 +560,13 @@ def _validate_zero(cfg: Config) -> None:
 
 
 def _validate_source(key: str, src: SourceConfig) -> None:
-    given = [n for n in ("path", "hf_name", "builtin") if getattr(src, n)]
+    given = [n for n in ("path", "hf_name", "builtin", "tokenized") if getattr(src, n)]
     if len(given) != 1:
         raise ConfigError(
-            f"{key}: set exactly one of path, hf_name, builtin (got {given or 'none'})"
+            f"{key}: set exactly one of path, hf_name, builtin, tokenized (got {given or 'none'})"
         )
+    if src.errors not in ("strict", "replace"):
+        raise ConfigError(f"{key}.errors must be 'strict' or 'replace', got {src.errors!r}")
     if src.builtin is not None and src.builtin != "pydoc":
         raise ConfigError(f"{key}.builtin: unknown builtin corpus {src.builtin!r} (known: pydoc)")
     if src.weight <= 0:
@@ -515,6 +583,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",

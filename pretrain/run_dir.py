@@ -7,6 +7,7 @@ resumes; everything else (steps, intervals, logging) may.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from pretrain.checkpoint import complete_checkpoints, read_meta
 from pretrain.config import Config, ConfigError, config_from_dict, parse_yaml, save_config
 
 CONFIG_FILE = "config.yaml"
+# Where PyTorch's NCCL flight recorder dumps (a file-name prefix; see pretrain/slurm.py).
+NCCL_TRACE_ENV = "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"
 
 FROZEN_ON_RESUME = (
     "model", "data", "train.seq_length", "train.global_batch_size", "train.seed",
@@ -44,6 +47,10 @@ def prepare_run_dir(cfg: Config, dims: ParallelDims) -> None:
     if dims.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, path)
+    # The NCCL flight recorder's dumps (the Slurm script points them into the run directory)
+    # need their folder: torch does not create it. Every node: the run dir may be node-local.
+    if dims.world.local_rank == 0 and (trace := os.environ.get(NCCL_TRACE_ENV)):
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
     _barrier(dims)
 
 

@@ -355,8 +355,21 @@ def _settings(job: SlurmJob, run_dir: Path | str) -> list[str]:
     if "OMP_NUM_THREADS" not in job.env:
         # torch would start one thread per core in every task of the node.
         lines.append(f"export OMP_NUM_THREADS={job.cpus_per_task or 1}")
-    lines += [f"export {key}={q(value)}" for key, value in job.env.items()]
+    lines += [f"export {key}={value}" for key, value in NCCL_FLIGHT_RECORDER.items()]
+    lines += [f"export {key}={q(value)}" for key, value in job.env.items()]  # these win
     return lines
+
+
+# PyTorch's NCCL flight recorder: every rank keeps a ring of its last collectives, and when
+# one times out (train.timeout_s) each dumps it (which collective, over which ranks, how far
+# it got) to <run_dir>/nccl-trace/rank_<N> (the trainer creates the folder); torch's
+# `torchfrtrace <run_dir>/nccl-trace` names the rank that never joined. Gloo runs print the
+# same in the error line (parallel/timeouts.py).
+NCCL_FLIGHT_RECORDER = {
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": '"$run_dir/nccl-trace/rank_"',
+}
 
 
 # The job-independent part of the script: reads only the variables set above.

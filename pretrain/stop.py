@@ -9,7 +9,9 @@ the request; ``StopSignals`` takes over while the loop runs.
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from types import TracebackType
 from typing import Any
 
@@ -78,3 +80,16 @@ class StopSignals:
         die by the signal. So SIGTERM is ignored from now on, also after ``__exit__``."""
         self._previous.pop(signal.SIGTERM, None)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# Test hook: SEQBOAT_HANG_AT=<step>:<rank> makes that rank stop taking part after the step
+# (it sleeps where the others enter the step's stop agreement, a collective), as a deadlocked
+# or wedged rank would; the others must fail within train.timeout_s, naming the collective.
+HANG_ENV = "SEQBOAT_HANG_AT"
+
+
+def hang_for_tests(step: int, rank: int) -> None:
+    at, _, who = os.environ.get(HANG_ENV, "").partition(":")
+    if at and int(at) == step and int(who) == rank:
+        while True:
+            time.sleep(1)

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from data.loader import PretrainLoader, validation_samples
+from data.prefetch import Prefetcher
 from parallel.comm import broadcast_object
 from parallel.dims import ParallelDims
 from pretrain.build import (
@@ -34,6 +35,7 @@ from pretrain.config import Config
 from pretrain.evaluate import evaluate, evaluate_pipeline, sample_text
 from pretrain.metrics import StepMetrics
 from pretrain.model.lm import StageChunks
+from pretrain.model.recompute import set_recompute
 from pretrain.monitor import Monitor, new_run_id
 from pretrain.plot import save_heatmap
 from pretrain.profiling import ProfileWindow
@@ -41,7 +43,7 @@ from pretrain.rng import rng_state, seed_dropout_streams, seed_everything, set_r
 from pretrain.run_dir import prepare_run_dir
 from pretrain.spike_guard import SpikeGuard
 from pretrain.steps import StepResult, train_step_for
-from pretrain.stop import StopSignals
+from pretrain.stop import StopSignals, hang_for_tests
 from pretrain.stragglers import StragglerReport
 
 # Exit code of a run that saved a checkpoint because it was asked to stop (SIGUSR1 or
@@ -142,11 +144,18 @@ class Trainer:
                     if state.step % cfg.checkpoint.interval == 0 or state.step == t.max_steps:
                         monitor.log({"checkpoint/save_s": self.save()}, state.step)
                         last_saved = state.step
+                    self._log_background_save(monitor, self.checkpointer.poll())
+                    hang_for_tests(state.step, self.dims.world.rank)
                     if stop.agreed(self.dims.distributed, self.dims.device):
-                        if last_saved != state.step:
-                            monitor.log({"checkpoint/save_s": self.save()}, state.step)
+                        if last_saved != state.step:  # synchronous: the job is ending
+                            monitor.log({"checkpoint/save_s": self.save(False)}, state.step)
+                        self._log_background_save(monitor, self.checkpointer.wait())
+                        self.checkpointer.close()
                         stop.leave()
                         raise Preempted(state.step)
+                # The last checkpoint is published before the run reports completion.
+                self._log_background_save(monitor, self.checkpointer.wait())
+                self.checkpointer.close()
         finally:
             profiler.close()
             bar.close()
@@ -199,6 +208,14 @@ class Trainer:
         }
 
     def evaluate(self) -> dict[str, float]:
+        """Validation loss, perplexity, bits per byte, and the ``eval.tasks`` metrics."""
+        if not self.cfg.eval.tasks:
+            return self._validation()
+        from pretrain.hf.in_loop import harness_metrics  # the [hf] extra: only when asked
+
+        return self._validation() | harness_metrics(self)
+
+    def _validation(self) -> dict[str, float]:
         t, d = self.cfg.train, self.dims
         group = d.dp_group() if d.distributed else None
         if self.place.active:
@@ -221,17 +238,33 @@ class Trainer:
             prompt, self.cfg.train.seed, self.zero.gathered() if zero3 else None,
         )  # fmt: skip
 
-    def save(self) -> float:
-        """Saves a checkpoint of the current step; returns the seconds it took."""
+    def save(self, background: bool | None = None) -> float:
+        """Saves a checkpoint of the current step (in the background with
+        ``checkpoint.async`` unless ``background=False``); returns the seconds training was
+        blocked."""
         rank_state = {
             "scheduler": self.scheduler.state_dict(),
-            "data": self.loader.state_dict(),
+            "data": self._data_state(),
             "rng": rng_state(self.dims),
             "train": asdict(self.state),
             "spike_guard": self.guard.state_dict() if self.guard is not None else None,
         }
         keep = self.cfg.checkpoint.keep_last
-        return self.checkpointer.save(self.run_dir, self.state.step, rank_state, keep)
+        return self.checkpointer.save(self.run_dir, self.state.step, rank_state, keep, background)
+
+    def _log_background_save(self, monitor: Monitor, written: tuple[int, float] | None) -> None:
+        """The writing time of a background save that completed, logged at the current step
+        (W&B takes steps in order only) with the step it saved."""
+        if written is not None:
+            step, seconds = written
+            record = {"checkpoint/write_s": seconds, "checkpoint/written_step": step}
+            monitor.log(record, self.state.step)
+
+    def _data_state(self) -> dict:
+        """Every lane's state, gathered over the data-parallel ranks: any rank's file
+        resumes any data-parallel size (an elastic resume reads rank 0's)."""
+        group = self.dims.dp_group(with_context=False) if self.dims.distributed else None
+        return self.loader.state_dict(group)
 
     # ------------------------------------------------------------------ building, resuming
 
@@ -245,6 +278,7 @@ class Trainer:
         # One chunk per (virtual) pipeline stage this rank runs; ``model`` names them all.
         self.chunks = model_chunks_for(cfg, vocab, dims.device, dims, self.place)
         self.model = self.chunks[0] if len(self.chunks) == 1 else StageChunks(self.chunks)
+        set_recompute(self.model, t.recompute)  # every layer of every chunk
         seed_dropout_streams(t.seed, dims)
         self.optimizer = optimizer_for(self.model, cfg.optimizer)
         self.scheduler = scheduler_for(self.optimizer, cfg.optimizer, t.max_steps)
@@ -259,11 +293,14 @@ class Trainer:
         )  # fmt: skip
         self.metrics = StepMetrics(cfg, self.model.padded_vocab, dims.world.world_size)
         self.stragglers = StragglerReport(dims, t.straggler_threshold)
-        self.checkpointer = Checkpointer(self.model, self.optimizer, dims, self.zero)
+        self.checkpointer = Checkpointer(
+            self.model, self.optimizer, dims, self.zero, background=cfg.checkpoint.async_save
+        )
         dp_rank, dp_size = dims.dp_rank, dims.dp_size
-        self.loader = PretrainLoader(
+        loader = PretrainLoader(
             cfg.data, self.tokenizer, t.seq_length, t.global_batch_size, dp_rank, dp_size
         )
+        self.loader = Prefetcher(loader, cfg.data.prefetch, dims.device)
         self.val_samples = validation_samples(
             cfg.data, self.tokenizer, t.seq_length, t.eval_samples, dp_rank, dp_size
         )

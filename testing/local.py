@@ -9,9 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import socket
+import subprocess
+import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -97,3 +101,27 @@ def gloo_world(rank: int, world: int) -> Iterator[None]:
         dist.barrier()  # without it gloo sometimes aborts at exit
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def finish_launch(proc: subprocess.Popen, pids: Sequence[int] = (), timeout: float = 300) -> int:
+    """Waits for a launcher started with ``start_new_session=True``, then kills whatever is
+    left of it: its session and each rank's own (torchrun starts every rank in a new
+    session). Returns its exit status."""
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        for group in (proc.pid, *pids):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        proc.wait()
+
+
+def paused_ranks(marker: Path, ranks: int, timeout: float = 300) -> list[int]:
+    """The pids of ``ranks`` ranks, once all wait in a save paused by the checkpoint test
+    hooks (each writes ``<marker>.rank<N>`` holding its pid)."""
+    deadline = time.monotonic() + timeout
+    files = [Path(f"{marker}.rank{r}") for r in range(ranks)]
+    while not all(f.is_file() and f.read_text() for f in files):
+        assert time.monotonic() < deadline, "the ranks never reached the paused save"
+        time.sleep(0.2)
+    return [int(f.read_text()) for f in files]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -297,12 +298,18 @@ def test_train_stream_is_the_train_documents_repeated(tmp_path: Path) -> None:
     train = [doc for d, doc in enumerate(docs) if d % 4 != 3]
     val = [doc for d, doc in enumerate(docs) if d % 4 == 3]
 
-    samples = torch.cat(batches(PretrainLoader(cfg, BYTES, seq_length=16, global_batch_size=4), 10))
-    assert samples.shape == (40, 17) and samples.dtype == torch.int64
-    stream = token_stream(samples)
-    epochs = packed(train) * (len(stream) // len(packed(train)) + 1)
-    assert len(stream) > 3 * len(packed(train))  # several epochs, same order each time
-    assert stream == epochs[: len(stream)]
+    samples = torch.stack(
+        batches(PretrainLoader(cfg, BYTES, seq_length=16, global_batch_size=4), 30)
+    )
+    assert samples.shape == (30, 4, 17) and samples.dtype == torch.int64
+    # Row j of every batch is lane j: train documents g = j, j + 4, ... of the train
+    # documents repeated epoch after epoch (same order each epoch).
+    repeated = train * 40
+    for lane in range(4):
+        stream = token_stream(samples[:, lane])
+        expected = packed(repeated[lane::4])
+        assert len(stream) > 2 * len(packed(train)) // 4
+        assert stream == expected[: len(stream)]
 
     held_out = validation_samples(cfg, BYTES, seq_length=4, num_samples=1000)
     assert len(held_out) == (len(packed(val)) - 1) // 4  # the leftover tail is dropped
@@ -376,13 +383,19 @@ def test_resume_mid_document(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "long.txt", [f"doc{i} " + "lorem ipsum " * 20 for i in range(30)])
     cfg = DataConfig(sources=[SourceConfig(path=str(path))], shuffle_buffer=0)
     saved, _ = resume_and_compare(cfg, k=3, m=4)
-    assert len(saved["sources"][0]["packer"]["buffer"]) > 2  # cut inside a document
+    buffers = [lane["sources"][0]["packer"]["buffer"] for lane in saved["lane_states"].values()]
+    assert max(len(buffer) for buffer in buffers) > 2  # cut inside a document
 
 
 @pytest.mark.parametrize("k", [0, 1, 6])
 def test_resume_mixture_with_shuffle_across_epochs(mixture: DataConfig, k: int) -> None:
     saved, final = resume_and_compare(mixture, k=k, m=6)
-    assert final["sources"][1]["epoch"] > saved["sources"][1]["epoch"]  # small source wrapped
+    # The small source (5 train documents) wrapped around between the save and the end.
+    epoch = [
+        max(lane["sources"][1]["at"]["epoch"] for lane in state["lane_states"].values())
+        for state in (saved, final)
+    ]
+    assert epoch[1] > epoch[0]
 
 
 def test_resume_on_a_different_number_of_ranks(mixture: DataConfig) -> None:
@@ -405,9 +418,102 @@ def test_loader_rejects_bad_settings(tmp_path: Path, mixture: DataConfig) -> Non
     with pytest.raises(ValueError, match="no validation documents"):
         validation_samples(DataConfig(sources=mixture.sources, val_fraction=0), BYTES, 16, 8)
     empty = write_lines(tmp_path / "empty.txt", ["", "  "])
-    loader = PretrainLoader(DataConfig(sources=[SourceConfig(path=str(empty))]), BYTES, 16, 8)
     with pytest.raises(ValueError, match=r"empty\.txt.* has no training documents"):
-        next(loader)
+        PretrainLoader(DataConfig(sources=[SourceConfig(path=str(empty))]), BYTES, 16, 8)
     state = PretrainLoader(mixture, BYTES, 16, 8).state_dict()
     with pytest.raises(ValueError, match="seq_length 16"):
         PretrainLoader(mixture, BYTES, 32, 8).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- bad input: one error line
+
+
+def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Runs ``seqboat ARGV`` in-process; the one ``seqboat: error:`` line it ends with."""
+    from pretrain.cli import main
+
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("seqboat: error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"path='.*empty\.txt' has no documents"),
+        (b"\n  \n\t\n", r"path='.*empty\.txt' has no documents"),
+        # Every line past sentencepiece's sentence limit, and too little text for the vocab.
+        (b"x" * 9000 + b"\n" + b"y" * 5000 + b"\n", r"on path='.*empty\.txt': Vocabulary size"),
+        (
+            b"fine\nnot \xff\xfe utf-8\n",
+            r"empty\.txt \(byte 9\) is not valid UTF-8.*errors: replace",
+        ),
+    ],
+    ids=["empty", "blank", "long-lines", "not-utf8"],
+)
+def test_bad_source_for_the_tokenizer_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    (tmp_path / "empty.txt").write_bytes(content)
+    line = cli_error(
+        capsys, "prepare", "tokenizer", f"data.sources=[{{path: '{tmp_path}/empty.txt'}}]",
+        f"data.tokenizer.path={tmp_path / 'tok.model'}", "data.tokenizer.vocab_size=300",
+    )  # fmt: skip
+    assert re.search(message, line), line
+    assert not (tmp_path / "tok.model").exists()
+
+
+def test_errors_replace_reads_a_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café\nnaïve\n".encode("latin-1"))
+    src = SourceConfig(path=str(path), errors="replace")
+    assert texts_of(src) == ["caf\ufffd", "na\ufffdve"]
+    with pytest.raises(ValueError, match=r"latin1\.txt \(byte 3\) is not valid UTF-8"):
+        PretrainLoader(DataConfig(sources=[SourceConfig(path=str(path))]), BYTES, 4, 2).__next__()
+
+
+def test_empty_source_when_training_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty.txt").write_text("\n")
+    line = cli_error(
+        capsys, "train", "--no-progress", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}",
+        f"data.sources=[{{path: '{tmp_path}/empty.txt'}}]", "data.tokenizer.kind=byte",
+    )  # fmt: skip
+    assert re.search(r"path='.*empty\.txt' has no training documents", line), line
+
+
+def test_unreachable_hub_says_the_network_failed(tmp_path: Path) -> None:
+    """As a new user without network would: offline, the hub cannot be asked."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "pretrain", "prepare", "tokenizer",
+            "data.sources=[{hf_name: HuggingFaceFW/fineweb-edu}]",
+            f"data.tokenizer.path={tmp_path / 'tok.model'}",
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("seqboat: error: data source hf_name='HuggingFaceFW/fineweb-edu'")
+    assert "cannot be reached (the network failed, not the name" in line
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_hub_name_says_the_name_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def not_found(name: str, *args, **kwargs):
+        raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
+    with pytest.raises(
+        ValueError, match=r"hf_name='nobody/nothing': no such dataset .*name failed"
+    ):
+        open_source(SourceConfig(hf_name="nobody/nothing"))

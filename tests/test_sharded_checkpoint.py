@@ -14,7 +14,6 @@ of a save, paused there by ``SEQBOAT_CHECKPOINT_PAUSE``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ import torch
 
 from pretrain.checkpoint import load_checkpoint
 from pretrain.monitor import read_metrics
-from testing.local import free_ports, run_ranks
+from testing.local import finish_launch, free_ports, paused_ranks, run_ranks
 from testing.small_run import SMALL_RUN
 
 WORLD = 4
@@ -290,28 +289,6 @@ def launch(tmp_path: Path, name: str, env: dict[str, str] | None = None) -> subp
     )  # fmt: skip
 
 
-def finish(proc: subprocess.Popen, pids: list[int] = (), timeout: float = 300) -> int:
-    """Waits for a launch, then kills whatever is left of it: the launcher's session and
-    each rank's own (torchrun starts every rank in a new session)."""
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        for group in (proc.pid, *pids):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)
-        proc.wait()
-
-
-def paused_ranks(marker: Path, timeout: float = 300) -> list[int]:
-    """The pids of the 4 ranks, once all wait in the paused save (``marker.rank<N>``)."""
-    deadline = time.monotonic() + timeout
-    files = [Path(f"{marker}.rank{r}") for r in range(4)]
-    while not all(f.is_file() and f.read_text() for f in files):
-        assert time.monotonic() < deadline, "the ranks never reached the paused save"
-        time.sleep(0.2)
-    return [int(f.read_text()) for f in files]
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     records = read_metrics(run_dir / "metrics.jsonl")
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
@@ -323,7 +300,7 @@ def test_kill_during_a_save_and_resume_bit_exact_on_tp2_dp2(tmp_path: Path) -> N
     signal arriving mid-save) + killed (SIGKILL, one rank) in the middle of the step-6 save
     + resumed from step 4 to 8: the same losses, bit for bit."""
     straight = launch(tmp_path, "straight")
-    assert finish(straight) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    assert finish_launch(straight) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
 
@@ -333,14 +310,14 @@ def test_kill_during_a_save_and_resume_bit_exact_on_tp2_dp2(tmp_path: Path) -> N
     proc = launch(tmp_path, "run", {"SEQBOAT_CHECKPOINT_PAUSE": f"4:{marker}"})
     pids = []
     try:
-        pids = paused_ranks(marker)
+        pids = paused_ranks(marker, 4)
         os.kill(pids[0], signal.SIGUSR1)
         os.kill(pids[3], signal.SIGTERM)
         os.kill(pids[0], signal.SIGTERM)  # a second one, on a rank already stopping
         time.sleep(0.5)
         marker.touch()
     finally:
-        finish(proc, pids)
+        finish_launch(proc, pids)
     log = (tmp_path / "run.log").read_text()
     assert "stopped on request at step 4" in log, log[-3000:]
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
@@ -351,11 +328,11 @@ def test_kill_during_a_save_and_resume_bit_exact_on_tp2_dp2(tmp_path: Path) -> N
     proc = launch(tmp_path, "run", {"SEQBOAT_CHECKPOINT_PAUSE": f"6:{marker}"})
     pids, code = [], None
     try:
-        pids = paused_ranks(marker)
+        pids = paused_ranks(marker, 4)
         os.kill(pids[1], signal.SIGKILL)
         marker.touch()  # the others go on, and fail at the barrier
     finally:
-        code = finish(proc, pids)
+        code = finish_launch(proc, pids)
     assert code != 0
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
     assert (ckpts / "step_00000006.tmp").is_dir()  # the partial save, never published
@@ -364,7 +341,7 @@ def test_kill_during_a_save_and_resume_bit_exact_on_tp2_dp2(tmp_path: Path) -> N
     # 3) The next run resumes from step 4, cleans the partial save up, and follows the
     #    straight run bit for bit.
     proc = launch(tmp_path, "run")
-    assert finish(proc) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert finish_launch(proc) == 0, (tmp_path / "run.log").read_text()[-3000:]
     log = (tmp_path / "run.log").read_text()
     assert "resuming" in log and "from step_00000004" in log
     assert not (ckpts / "step_00000006.tmp").exists()

@@ -14,9 +14,11 @@ one namespace per node), jobs submitted with ``seqboat slurm submit`` as a user 
 * a job whose data is missing on the nodes fails at start-up every time: it is requeued
   until ``max_failures_without_progress`` failures and then ends, with the message, for
   good;
+* a job with a hung rank (``SEQBOAT_HANG_AT``) fails ``train.timeout_s`` after the hang with
+  the collective named, every attempt, and likewise stops being requeued;
 * finished jobs stay finished (no requeue after success or after giving up).
 
-The three jobs run side by side (the time-limit job waits a minute for its signal anyway).
+The four jobs run side by side (the time-limit job waits a minute for its signal anyway).
 Skipped, with the reason, where the machine cannot host the cluster (not root, no
 ``unshare``, no Slurm: .ci/run installs it when it runs as root).
 """
@@ -57,6 +59,7 @@ STEPS = 30  # SMALL_RUN's train.max_steps
 RUN = [
     *SMALL_RUN,
     "checkpoint.interval=5",  # the stop signal goes out after the first: 25 steps to spare
+    "checkpoint.async=true",  # the stop may come while a save is written in the background
     "parallel.tensor=2",  # x data 2 on 4 ranks
 ]
 # The time-limit job: Slurm's minimum limit is a minute, and pretrain.slurm wants the limit
@@ -77,6 +80,7 @@ TIMED_RUN = [
     "checkpoint.interval=100000",  # saves only when stopped, and at the end
 ]
 MAX_FAILURES = 3
+HANG_FAILURES, HANG_TIMEOUT_S = 2, 10
 SETTLE_S = 20  # > cred_expire (10 s) + a scheduler pass (2 s): a requeue would show by then
 
 
@@ -303,6 +307,19 @@ def crash_job(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -
     return Submitted(job_id, work, work / "run", time.monotonic())
 
 
+@pytest.fixture(scope="module")
+def hang_job(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Submitted:
+    """2 tasks; rank 1 hangs after step 2 (``SEQBOAT_HANG_AT``), every attempt: rank 0 fails
+    after train.timeout_s naming the collective, srun stops the hung rank."""
+    work = tmp_path_factory.mktemp("slurm-hang")
+    job_id = _submit(
+        cluster, work, "--nodes", "1", "--tasks-per-node", "2", "--job-name", "seqboat-hang",
+        "--max-failures", str(HANG_FAILURES), "--env", "SEQBOAT_HANG_AT=2:1",
+        f"run.dir={work / 'run'}", *SMALL_RUN, f"train.timeout_s={HANG_TIMEOUT_S}",
+    )  # fmt: skip
+    return Submitted(job_id, work, work / "run", time.monotonic())
+
+
 # --------------------------------------------------------------------------- the 2 x 2 job
 
 
@@ -311,6 +328,7 @@ def slurm_run(
     cluster: SlurmCluster,
     timed_job: TimedJob,
     crash_job: Submitted,
+    hang_job: Submitted,
     reference: Reference,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> SlurmRun:
@@ -641,6 +659,29 @@ def test_crash_loop_stops_requeueing(cluster: SlurmCluster, crash_job: Submitted
     ), context
     assert log.count(f"seqboat: requeueing job {job.job_id}") == MAX_FAILURES - 1
     assert _latest_step(job.run_dir) is None
+    _assert_stays(cluster, job.job_id, final)
+
+
+def test_a_hung_rank_fails_the_job_without_a_requeue_loop(
+    cluster: SlurmCluster, hang_job: Submitted
+) -> None:
+    """Each attempt ends train.timeout_s after the hang with the collective named and the
+    collective-timeout exit code; the job is requeued HANG_FAILURES - 1 times, then fails for
+    good."""
+    job = hang_job
+    final = cluster.wait_job(job.job_id, FINISHED, 400, every_s=1)
+    log = _job_log(job.work)
+    context = _context(cluster, job.job_id, job.work)
+    assert final["JobState"] == "FAILED", context
+    assert final["Restarts"] == str(HANG_FAILURES - 1), context
+    # srun reports the worst task: the hung rank, killed once rank 0 exited with
+    # EXIT_COLLECTIVE_TIMEOUT (--kill-on-bad-exit). Either is a failure, never the requeue code.
+    assert final["ExitCode"] not in ("0:0", "75:0"), context
+    named = re.findall(
+        r"seqboat: error: rank 0 on node\S*: all_reduce over ranks \[0, 1\] timed out", log
+    )
+    assert len(named) == HANG_FAILURES, context
+    assert "giving up" in log, context
     _assert_stays(cluster, job.job_id, final)
 
 

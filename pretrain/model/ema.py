@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from parallel.layout import mark_tensor_parallel
-from pretrain.model.init import trunc_normal_
+from pretrain.model.init import initialize_, reset_, trunc_normal, trunc_normal_
 
 Method = TypeVar("Method", bound=Callable)
 
@@ -43,6 +43,15 @@ def _exact(method: Method) -> Method:
             return method(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _init_beta(beta: Tensor, generator: torch.Generator | None) -> None:
+    """TN(0, 0.02) around +1 on even and -1 on odd state dimensions."""
+    trunc_normal_(beta, std=0.02, generator=generator)
+    sign = torch.ones(beta.shape[-1], dtype=beta.dtype, device=beta.device)
+    sign[1::2] = -1.0
+    beta.add_(sign)
 
 
 class DampedEMA(nn.Module):
@@ -64,18 +73,14 @@ class DampedEMA(nn.Module):
         # Depthwise: every parameter splits by channel under tensor parallelism, no communication.
         for p in self.parameters():
             mark_tensor_parallel(p, dim=0)
-        self.reset_parameters()
+        initialize_(self.delta, trunc_normal(0.2))
+        initialize_(self.alpha, trunc_normal(0.2))
+        initialize_(self.beta, _init_beta)
+        initialize_(self.eta, trunc_normal(1.0))
+        initialize_(self.omega, trunc_normal(1.0))
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        trunc_normal_(self.delta, std=0.2)
-        trunc_normal_(self.alpha, std=0.2)
-        trunc_normal_(self.beta, std=0.02)
-        sign = torch.ones(self.ndim)
-        sign[1::2] = -1.0
-        self.beta.add_(sign)
-        trunc_normal_(self.eta, std=1.0)
-        trunc_normal_(self.omega, std=1.0)
+        reset_(self)
 
     def coefficients(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (input scale p*beta, decay q, output weights eta/sqrt N), each [C, N]."""

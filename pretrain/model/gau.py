@@ -22,7 +22,7 @@ from parallel.dispatch import Dispatch
 from parallel.halo import gather_halo, with_halo
 from parallel.layout import mark_partial_grad, mark_replicated, mark_tensor_parallel
 from parallel.tensor import SplitDropout, TensorParallel, column_linear, copy_to_group, row_linear
-from pretrain.model.init import init_linear_, trunc_normal_
+from pretrain.model.init import constant, init_linear_, initialize_, reset_, trunc_normal
 from pretrain.model.rope import apply_rotary
 
 
@@ -89,16 +89,15 @@ class GatedAttentionUnit(nn.Module):
             mark_tensor_parallel(lin.weight, dim=0)
             mark_tensor_parallel(lin.bias, dim=0)
         mark_tensor_parallel(self.out_proj.weight, dim=1)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
         for lin in (self.z_proj, self.r_proj, self.v_proj, self.out_proj):
             init_linear_(lin)
-        trunc_normal_(self.qk_scale, std=0.02)
-        nn.init.zeros_(self.qk_offset)
+        initialize_(self.qk_scale, trunc_normal(0.02))
+        initialize_(self.qk_offset, constant(0.0))
         if self.rel_bias is not None:
-            trunc_normal_(self.rel_bias, std=0.02)
+            initialize_(self.rel_bias, trunc_normal(0.02))
+
+    def reset_parameters(self) -> None:
+        reset_(self)
 
     def project(self, m: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """m: [..., D], positions: [...] original positions -> q, k [..., Z]; v, r [..., H]."""

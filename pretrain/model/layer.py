@@ -36,9 +36,10 @@ from parallel.tensor import (
 )
 from pretrain.config import ModelConfig
 from pretrain.model.ema import DampedEMA
-from pretrain.model.gau import GatedAttentionUnit
+from pretrain.model.gau import GatedAttentionUnit, SpanStats
 from pretrain.model.init import init_linear_
 from pretrain.model.norm import make_norm
+from pretrain.model.recompute import RecordedPass, checkpoint, same_routing
 from pretrain.model.router import Router, compress, extract, plan_compression
 
 
@@ -76,6 +77,10 @@ class SeqBoatLayer(nn.Module):
     """Under tensor parallelism (``tp``) the EMA runs on this rank's D/tp channels of the
     whole sequence; with sequence parallelism the residual stream, norms and dropout hold
     L/tp tokens. See parallel/tensor.py for the regions."""
+
+    # Activation recompute in training: "none", "gau" (the attention part) or "layer" (the
+    # whole layer from its input); set by pretrain/model/recompute.py ``set_recompute``.
+    recompute: str = "none"
 
     def __init__(
         self,
@@ -150,6 +155,23 @@ class SeqBoatLayer(nn.Module):
 
     def forward(self, x: Tensor, collect_stats: bool = False) -> tuple[Tensor, LayerStats | None]:
         """x: [L, B, D] ([L/tp, B, D] under sequence parallelism) -> (same shape, stats)."""
+        if self.recompute != "layer" or not torch.is_grad_enabled():
+            return self._forward(x, collect_stats)
+        record = RecordedPass()
+
+        def run(x: Tensor) -> Tensor:
+            y, stats = self._forward(x, collect_stats and record.first, record)
+            if record.first:  # statistics from the forward only, never from the recompute
+                record.stats, record.first = stats, False
+            return y
+
+        return checkpoint(run, x), record.stats
+
+    def _forward(
+        self, x: Tensor, collect_stats: bool, record: RecordedPass | None = None
+    ) -> tuple[Tensor, LayerStats | None]:
+        """The layer; ``record`` (whole-layer recompute): the first pass records its routing
+        decision there, the recompute takes it."""
         h = self.norm(x) if self.prenorm else x
         h = enter_channel_split(h, self.tp)  # [L, B, D/tp]
         length, batch = h.shape[:2]
@@ -157,6 +179,11 @@ class SeqBoatLayer(nn.Module):
         ema = context_parallel_ema(self.ema, h, self.cp.group()) if self.cp.active else self.ema(h)
         m = self.ema_dropout(F.silu(ema))
         hx, activated, gate = self.route(self.hx_proj(m))
+        if record is not None and activated is not None:
+            if record.first:
+                record.activated = activated
+            else:
+                activated = same_routing(activated, record.activated)
         stats = None
         if self.gau is None:
             o = torch.zeros_like(hx)
@@ -165,15 +192,7 @@ class SeqBoatLayer(nn.Module):
         else:
             if activated is None:  # "always": every token, ungated
                 activated = torch.ones(length, batch, dtype=torch.bool, device=x.device)
-            plan = plan_compression(activated)
-            positions = self.cp.positions(length, x.device).unsqueeze(1).expand(-1, batch)
-            # Only the activated tokens' channels cross the group: M x D, not L x D.
-            mc = gather_channels(compress(m, plan), self.tp)
-            oc, span_stats = self.gau(mc, compress(positions, plan), plan.valid, collect_stats)
-            o = extract(oc, plan)
-            if gate is not None:
-                o = o * gate.unsqueeze(-1)
-            o = scatter_sequence(o, self.tp)
+            o, span_stats = self._attention(m, activated, gate, collect_stats)
             span = (
                 (span_stats.distance_sum, span_stats.pairs, span_stats.imbalance)
                 if span_stats
@@ -187,6 +206,38 @@ class SeqBoatLayer(nn.Module):
         if self.ffn is not None:
             y = self._ffn_block(y)
         return y, stats
+
+    def _attention(
+        self, m: Tensor, activated: Tensor, gate: Tensor | None, collect_stats: bool
+    ) -> tuple[Tensor, SpanStats | None]:
+        """The GAU on the activated tokens, gated, back in the residual's layout; with
+        selective recompute (``gau``) only its inputs are kept for backward."""
+        if self.recompute != "gau" or not torch.is_grad_enabled():
+            return self._attend(m, activated, gate, collect_stats)
+        record = RecordedPass()
+
+        def run(m: Tensor, activated: Tensor, gate: Tensor | None) -> Tensor:
+            o, span_stats = self._attend(m, activated, gate, collect_stats and record.first)
+            if record.first:
+                record.stats, record.first = span_stats, False
+            return o
+
+        # ``activated`` is saved with the inputs: the recompute routes exactly the same tokens.
+        return checkpoint(run, m, activated, gate), record.stats
+
+    def _attend(
+        self, m: Tensor, activated: Tensor, gate: Tensor | None, collect_stats: bool
+    ) -> tuple[Tensor, SpanStats | None]:
+        length, batch = activated.shape
+        plan = plan_compression(activated)
+        positions = self.cp.positions(length, m.device).unsqueeze(1).expand(-1, batch)
+        # Only the activated tokens' channels cross the group: M x D, not L x D.
+        mc = gather_channels(compress(m, plan), self.tp)
+        oc, span_stats = self.gau(mc, compress(positions, plan), plan.valid, collect_stats)
+        o = extract(oc, plan)
+        if gate is not None:
+            o = o * gate.unsqueeze(-1)
+        return scatter_sequence(o, self.tp), span_stats
 
     def _ffn_block(self, y: Tensor) -> Tensor:
         if self.prenorm:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from parallel.context import ContextParallel
 from parallel.layout import mark_replicated, mark_sequence_parallel, mark_tensor_parallel
+from parallel.materialize import draw_seed, materialize_
 from parallel.pipeline import Stage
 from parallel.tensor import (
     SplitDropout,
@@ -30,6 +31,7 @@ from parallel.tensor import (
     vocab_embedding,
 )
 from pretrain.config import ModelConfig
+from pretrain.model.init import initialize_, normal
 from pretrain.model.layer import LayerStats, SeqBoatLayer
 from pretrain.model.norm import make_norm
 from pretrain.model.transformer import TransformerLayer
@@ -44,7 +46,13 @@ class LanguageModel(nn.Module):
     ``forward`` returns this rank's vocabulary slice of the logits. With ``cp`` (context
     parallel) the tokens given are this rank's chunk of each sequence. With ``stage`` (a
     pipeline stage) a stage other than the first takes its input from ``set_input_tensor``,
-    and a stage other than the last returns its hidden state instead of logits."""
+    and a stage other than the last returns its hidden state instead of logits.
+
+    The weights are those of the single-process model of ``seed`` (default: one draw from
+    the default CPU generator), on any split: the modules are built on the meta device, then
+    each parameter is initialised from its own stream and only this chunk's shard kept
+    (parallel/materialize.py), so a rank never holds more than its shards and one full
+    parameter. Built under ``torch.device("meta")``, the model stays there, uninitialised."""
 
     def __init__(
         self,
@@ -53,8 +61,21 @@ class LanguageModel(nn.Module):
         tp: TensorParallel = TensorParallel(),
         cp: ContextParallel = ContextParallel(),
         stage: Stage | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        on_meta = torch.get_default_device().type == "meta"
+        if seed is None and not on_meta:
+            seed = draw_seed()
+        with torch.device("meta"):
+            self._build(cfg, vocab_size, tp, cp, stage)
+        if not on_meta:
+            materialize_(self, seed, tp)
+
+    def _build(
+        self, cfg: ModelConfig, vocab_size: int, tp: TensorParallel, cp: ContextParallel,
+        stage: Stage | None,
+    ) -> None:  # fmt: skip
         if (tp.active or cp.active) and cfg.arch != "seqboat":
             raise ValueError("model parallelism is implemented for the SeqBoat architecture")
         self.cfg = cfg
@@ -91,14 +112,15 @@ class LanguageModel(nn.Module):
         # Vocab-parallel under tensor parallelism: split along the vocabulary.
         if self.embedding is not None:
             mark_tensor_parallel(self.embedding.weight, dim=0)
+            initialize_(self.embedding.weight, normal(d**-0.5))
         if self.head is not None:
             mark_tensor_parallel(self.head.weight, dim=0)
+            initialize_(self.head.weight, normal(d**-0.5))
         if self.final_norm is not None:
             for p in self.final_norm.parameters():
                 mark_replicated(p)
             if tp.sequence_parallel:
                 mark_sequence_parallel(self.final_norm)
-        self.reset_embedding()
 
     def _make_final_norm(self) -> nn.Module:
         cfg = self.cfg
@@ -123,13 +145,6 @@ class LanguageModel(nn.Module):
         if isinstance(tensor, list):
             tensor = tensor[0]
         self.input_tensor = tensor
-
-    @torch.no_grad()
-    def reset_embedding(self) -> None:
-        if self.embedding is not None:
-            nn.init.normal_(self.embedding.weight, std=self.cfg.width**-0.5)
-        if self.head is not None:
-            nn.init.normal_(self.head.weight, std=self.cfg.width**-0.5)
 
     def forward(
         self, tokens: Tensor, collect_stats: bool = False

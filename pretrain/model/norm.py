@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import NORM_KINDS
+from pretrain.model.init import constant, initialize_
 
 
 class ScaleNorm(nn.Module):
@@ -15,6 +16,7 @@ class ScaleNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.scale = nn.Parameter(torch.tensor(float(width) ** 0.5))
+        initialize_(self.scale, constant(float(width) ** 0.5))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
@@ -22,9 +24,16 @@ class ScaleNorm(nn.Module):
 
 def make_norm(kind: str, width: int, affine: bool = True) -> nn.Module:
     if kind == "layernorm":
-        return nn.LayerNorm(width, elementwise_affine=affine)
-    if kind == "rmsnorm":
-        return nn.RMSNorm(width, elementwise_affine=affine)
-    if kind == "scalenorm":
+        norm: nn.Module = nn.LayerNorm(width, elementwise_affine=affine)
+    elif kind == "rmsnorm":
+        norm = nn.RMSNorm(width, elementwise_affine=affine)
+    elif kind == "scalenorm":
         return ScaleNorm(width)
-    raise ValueError(f"unknown norm {kind!r}; expected one of {NORM_KINDS}")
+    else:
+        raise ValueError(f"unknown norm {kind!r}; expected one of {NORM_KINDS}")
+    # torch's own init (weight 1, bias 0), recorded for parallel/materialize.py
+    if norm.weight is not None:
+        initialize_(norm.weight, constant(1.0))
+    if getattr(norm, "bias", None) is not None:
+        initialize_(norm.bias, constant(0.0))
+    return norm

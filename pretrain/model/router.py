@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from parallel.layout import mark_replicated
+from pretrain.model.init import constant, initialize_
 
 
 class Router(nn.Module):
@@ -26,6 +27,7 @@ class Router(nn.Module):
         self.init_log_temp = math.log(init_temp_scale * math.sqrt(width))
         self.log_temp = nn.Parameter(torch.full((), self.init_log_temp))
         mark_replicated(self.log_temp)
+        initialize_(self.log_temp, constant(self.init_log_temp))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

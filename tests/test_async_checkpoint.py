@@ -1,0 +1,178 @@
+"""``checkpoint.async``: saves written and published by a background thread.
+
+In-process (one rank): a save whose writer is held back while training runs three more
+steps still holds the state of the step it was taken at (resuming from it continues the
+synchronous run bit for bit); a stop request during an in-flight save waits for it, saves
+the step it stopped at, and stops. Under torchrun (DP 2): a rank SIGKILLed while its
+background writer runs leaves ``latest`` on the previous complete checkpoint, and the run
+resumes from there bit for bit. (The Slurm cluster test runs its preempted job with
+``checkpoint.async=true`` too: tests/test_slurm_cluster.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import (
+    LATEST,
+    PAUSE_ENV,
+    WRITE_PAUSE_ENV,
+    complete_checkpoints,
+    load_checkpoint,
+)
+from pretrain.monitor import read_metrics
+from pretrain.train import Preempted, Trainer
+from testing.local import finish_launch, free_ports, paused_ranks
+from testing.small_run import SMALL_RUN
+from tests.test_train import small_config, train_losses
+
+
+@pytest.fixture(scope="module")
+def synchronous(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 steps, checkpoints at 4 and 8 written synchronously."""
+    run_dir = tmp_path_factory.mktemp("sync") / "run"
+    Trainer(small_config(run_dir), progress=False).train()
+    return run_dir
+
+
+def _point_latest_at(run_dir: Path, step: int) -> None:
+    """Drops the checkpoints after ``step`` (as if the run had stopped there)."""
+    ckpts = run_dir / "checkpoints"
+    for path in complete_checkpoints(run_dir):
+        if int(path.name.split("_")[1]) > step:
+            shutil.rmtree(path)
+    (ckpts / LATEST).write_text(f"step_{step:08d}\n")
+
+
+def test_a_background_save_holds_the_step_it_was_taken_at(
+    synchronous: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step-4 writer is held, before it writes any tensor, until step 7 has started:
+    the published step-4 checkpoint still resumes into the synchronous run's steps 5..8, bit
+    for bit (the tensors were copied at step 4, not read while steps 5..7 changed them)."""
+    run_dir = tmp_path / "async"
+    marker = tmp_path / "release"
+    monkeypatch.setenv(WRITE_PAUSE_ENV, f"4:{marker}")
+    original = Trainer.train_step
+    during: dict[str, object] = {}
+
+    def release_at_step_7(self: Trainer, collect_stats: bool):
+        if self.step == 6:
+            during["writer waiting"] = Path(f"{marker}.rank0").is_file()
+            during["published"] = [p.name for p in complete_checkpoints(run_dir)]
+            marker.touch()
+        return original(self, collect_stats)
+
+    monkeypatch.setattr(Trainer, "train_step", release_at_step_7)
+    Trainer(small_config(run_dir, "checkpoint.async=true"), progress=False).train()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    monkeypatch.delenv(WRITE_PAUSE_ENV)
+    assert during == {"writer waiting": True, "published": []}  # step 4 was still in flight
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step_00000004", "step_00000008"]
+    assert train_losses(run_dir) == train_losses(synchronous)
+    written = [r for r in read_metrics(run_dir / "metrics.jsonl") if "checkpoint/write_s" in r]
+    assert written[0]["checkpoint/written_step"] == 4 and written[0]["step"] in (7, 8)
+
+    _point_latest_at(run_dir, 4)
+    resumed = Trainer(small_config(run_dir, "checkpoint.async=true"), progress=False)
+    assert resumed.step == 4
+    resumed.train()
+    assert train_losses(run_dir) == train_losses(synchronous)  # steps 5..8 again, the same
+
+
+def test_a_stop_during_a_background_save_saves_and_stops(
+    synchronous: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGUSR1 while the step-4 save is still being written: the run finishes step 5, waits
+    for the step-4 save, saves step 5 and stops; resuming continues the synchronous run."""
+    run_dir = tmp_path / "async"
+    marker = tmp_path / "release"
+    monkeypatch.setenv(PAUSE_ENV, f"4:{marker}")
+    original = Trainer.train_step
+
+    def signal_during_step_5(self: Trainer, collect_stats: bool):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            threading.Timer(1.0, marker.touch).start()  # the writer goes on a second later
+        return original(self, collect_stats)
+
+    monkeypatch.setattr(Trainer, "train_step", signal_during_step_5)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as stopped:
+        Trainer(small_config(run_dir, "checkpoint.async=true"), progress=False).train()
+    signal.signal(signal.SIGTERM, sigterm)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    monkeypatch.delenv(PAUSE_ENV)
+    assert stopped.value.step == 5
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step_00000004", "step_00000005"]
+    assert (run_dir / "checkpoints" / LATEST).read_text().strip() == "step_00000005"
+
+    Trainer(small_config(run_dir, "checkpoint.async=true"), progress=False).train()
+    assert train_losses(run_dir) == train_losses(synchronous)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+RUN = [*SMALL_RUN, "train.max_steps=8", "checkpoint.interval=2", "train.eval_interval=100"]
+
+
+def _launch(tmp_path: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2 -m pretrain train`` (DP 2) in the background."""
+    (port,) = free_ports(1)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "-m", "pretrain", "train", "--no-progress", f"run.dir={tmp_path / name}", *RUN, *extra,
+    ]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    log = open(tmp_path / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        command, cwd=tmp_path, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_its_writer_runs_keeps_latest_complete(tmp_path: Path) -> None:
+    """DP 2 with checkpoint.async: rank 1 is SIGKILLed while its background writer of the
+    step-6 save is paused (its training thread went on); ``latest`` stays on step 4, the
+    partial step 6 is never published, and the next run resumes from step 4 and matches a
+    synchronous run bit for bit."""
+    straight = _launch(tmp_path, "straight")
+    assert finish_launch(straight) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    marker = tmp_path / "pause6"
+    proc = _launch(tmp_path, "run", "checkpoint.async=true", env={PAUSE_ENV: f"6:{marker}"})
+    pids, code = [], None
+    try:
+        pids = paused_ranks(marker, 2)
+        os.kill(pids[1], signal.SIGKILL)
+        marker.touch()  # rank 0's writer goes on, and fails at the barrier
+    finally:
+        code = finish_launch(proc, pids)
+    assert code != 0
+    assert (ckpts / LATEST).read_text().strip() == "step_00000004"
+    assert not (ckpts / "step_00000006").exists()
+    load_checkpoint(ckpts / "step_00000004")  # every checksum verifies
+
+    proc = _launch(tmp_path, "run", "checkpoint.async=true")
+    assert finish_launch(proc) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    log = (tmp_path / "run.log").read_text()
+    assert "from step_00000004" in log
+    assert not (ckpts / "step_00000006.tmp").exists()
+    a, b = _losses(tmp_path / "straight"), _losses(run)
+    assert list(a) == list(b) == list(range(1, 9))
+    assert a == b  # bit for bit
