@@ -157,6 +157,7 @@ class Trainer:
                 self._log_background_save(monitor, self.checkpointer.wait())
                 self.checkpointer.close()
         finally:
+            self.loader.close()  # the data thread ends before the process may
             profiler.close()
             bar.close()
             monitor.close()

@@ -125,3 +125,11 @@ def paused_ranks(marker: Path, ranks: int, timeout: float = 300) -> list[int]:
         assert time.monotonic() < deadline, "the ranks never reached the paused save"
         time.sleep(0.2)
     return [int(f.read_text()) for f in files]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a launched run: this process's, without its W&B variables (an
+    in-process W&B run leaves its service's address there, and a child would join that
+    service, whose run ids outlive a killed child), one thread per rank, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}

@@ -30,7 +30,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.monitor import read_metrics
 from pretrain.train import Preempted, Trainer
-from testing.local import finish_launch, free_ports, paused_ranks
+from testing.local import finish_launch, free_ports, paused_ranks, subprocess_env
 from testing.small_run import SMALL_RUN
 from tests.test_train import small_config, train_losses
 
@@ -132,7 +132,7 @@ def _launch(tmp_path: Path, name: str, *extra: str, env: dict | None = None) -> 
         "--master_addr", "127.0.0.1", "--master_port", str(port),
         "-m", "pretrain", "train", "--no-progress", f"run.dir={tmp_path / name}", *RUN, *extra,
     ]  # fmt: skip
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = subprocess_env(**(env or {}))
     log = open(tmp_path / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         command, cwd=tmp_path, env=full_env, stdout=log, stderr=subprocess.STDOUT,

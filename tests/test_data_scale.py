@@ -22,7 +22,7 @@ from data.prefetch import Prefetcher
 from data.prepare import PrepareOptions, prepare_sources
 from data.tokenizer import ByteTokenizer
 from pretrain.monitor import read_metrics
-from testing.local import free_ports
+from testing.local import free_ports, subprocess_env
 from testing.small_run import SMALL_RUN
 from tests.conftest import CORPUS
 
@@ -310,7 +310,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def test_kill_9_and_resume_with_the_producer_is_bit_exact(tmp_path: Path, nproc: int) -> None:
     """A run without the producer, and one with it killed -9 at a random step and resumed:
     the same loss at every step, bit for bit."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQBOAT_CACHE_DIR": str(tmp_path / "cache")}
+    env = subprocess_env(SEQBOAT_CACHE_DIR=str(tmp_path / "cache"))
     launcher = [sys.executable]
     if nproc > 1:
         (port,) = free_ports(1)

@@ -22,7 +22,7 @@ import pytest
 
 from parallel.timeouts import EXIT_COLLECTIVE_TIMEOUT, collective_timeout
 from pretrain.stop import HANG_ENV
-from testing.local import free_ports
+from testing.local import free_ports, subprocess_env
 from testing.small_run import SMALL_RUN
 
 TIMEOUT_S = 10
@@ -44,7 +44,7 @@ def test_a_hung_rank_ends_the_run_naming_the_collective(tmp_path: Path) -> None:
         "-m", "pretrain", "train", "--no-progress", f"run.dir={tmp_path / 'run'}", *SMALL_RUN,
         f"train.timeout_s={TIMEOUT_S}",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", HANG_ENV: "2:1"}
+    env = subprocess_env(**{HANG_ENV: "2:1"})
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
