@@ -31,7 +31,10 @@ class BackgroundWriter:
         self.group = dist.new_group(backend="gloo") if distributed else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._written: tuple[int, float] | None = None  # (step, seconds) of the last write
+        # (step, seconds) of the writes completed and not yet reported: a write may end
+        # after the next save has started, before anyone asked.
+        self._written: list[tuple[int, float]] = []
+        self._lock = threading.Lock()
 
     @property
     def in_flight(self) -> bool:
@@ -48,7 +51,8 @@ class BackgroundWriter:
             except BaseException as e:  # re-raised in the training thread by wait()
                 self._error = e
             else:
-                self._written = (staged.step, time.perf_counter() - start)
+                with self._lock:
+                    self._written.append((staged.step, time.perf_counter() - start))
 
         # A daemon: a process that dies mid-write leaves an unpublished step_X.tmp behind.
         self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
@@ -63,18 +67,17 @@ class BackgroundWriter:
             error, self._error = self._error, None
             raise RuntimeError(f"the background checkpoint write failed: {error}") from error
 
-    def wait(self) -> tuple[int, float] | None:
-        """``join``, then (step, seconds the writing took) of a save completed since the
-        last call to ``wait`` or ``poll``, else None."""
+    def wait(self) -> list[tuple[int, float]]:
+        """``join``, then (step, seconds the writing took) of each save completed since the
+        last call to ``wait`` or ``poll``."""
         self.join()
-        written, self._written = self._written, None
-        return written
+        return self.poll()
 
-    def poll(self) -> tuple[int, float] | None:
-        """(step, seconds) of a save completed since the last call, without blocking."""
-        if self.in_flight:
-            return None
-        return self.wait()
+    def poll(self) -> list[tuple[int, float]]:
+        """(step, seconds) of each save completed since the last call, without blocking."""
+        with self._lock:
+            written, self._written = self._written, []
+        return written
 
     def close(self) -> None:
         """Waits for the save in flight, then takes the writer's group down in step with the

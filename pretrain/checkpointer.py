@@ -184,14 +184,14 @@ class Checkpointer:
             write_checkpoint(staged)
         return time.perf_counter() - start
 
-    def wait(self) -> tuple[int, float] | None:
+    def wait(self) -> list[tuple[int, float]]:
         """Blocks until a background save in flight is published: (step, seconds its writing
-        took) of a background save completed since the last call, else None."""
-        return self.writer.wait() if self.writer is not None else None
+        took) of each background save completed since the last call."""
+        return self.writer.wait() if self.writer is not None else []
 
-    def poll(self) -> tuple[int, float] | None:
-        """Like ``wait`` without blocking: None while the save is in flight."""
-        return self.writer.poll() if self.writer is not None else None
+    def poll(self) -> list[tuple[int, float]]:
+        """Like ``wait`` without blocking."""
+        return self.writer.poll() if self.writer is not None else []
 
     def close(self) -> None:
         """Waits for a background save in flight and releases the writer (collective); later

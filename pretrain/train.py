@@ -253,11 +253,10 @@ class Trainer:
         keep = self.cfg.checkpoint.keep_last
         return self.checkpointer.save(self.run_dir, self.state.step, rank_state, keep, background)
 
-    def _log_background_save(self, monitor: Monitor, written: tuple[int, float] | None) -> None:
-        """The writing time of a background save that completed, logged at the current step
-        (W&B takes steps in order only) with the step it saved."""
-        if written is not None:
-            step, seconds = written
+    def _log_background_save(self, monitor: Monitor, written: list[tuple[int, float]]) -> None:
+        """The writing time of each background save that completed, logged at the current
+        step (W&B takes steps in order only) with the step it saved."""
+        for step, seconds in written:
             record = {"checkpoint/write_s": seconds, "checkpoint/written_step": step}
             monitor.log(record, self.state.step)
 

@@ -79,7 +79,9 @@ def test_a_background_save_holds_the_step_it_was_taken_at(
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step_00000004", "step_00000008"]
     assert train_losses(run_dir) == train_losses(synchronous)
     written = [r for r in read_metrics(run_dir / "metrics.jsonl") if "checkpoint/write_s" in r]
-    assert written[0]["checkpoint/written_step"] == 4 and written[0]["step"] in (7, 8)
+    # Every background save's writing time is logged once, however late it finished.
+    assert [r["checkpoint/written_step"] for r in written] == [4, 8]
+    assert written[0]["step"] in (7, 8)
 
     _point_latest_at(run_dir, 4)
     resumed = Trainer(small_config(run_dir, "checkpoint.async=true"), progress=False)
