@@ -54,7 +54,7 @@ class ModelConfig:
     prenorm: bool = True
     final_norm_affine: bool = True
     ema_truncation: int | None = None
-    ema_chunk: int = 1024  # the EMA's FFT length during training (0: the whole sequence)
+    ema_chunk: int = 64  # the EMA's chunk length in training (0: the whole sequence)
     init_temp_scale: float = 1.0
     act_bias: float = 0.0  # added to the skip logit: > 0 favours skipping
     ffn_hidden: int = 0  # 0 = no FFN (every released SeqBoat config)

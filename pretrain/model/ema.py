@@ -92,13 +92,7 @@ class DampedEMA(nn.Module):
     def kernel(self, length: int, dtype: torch.dtype) -> Tensor:
         """K[c, l] = sum_n eta/sqrt(N) * p * beta * q^l  for l < length; [C, length]."""
         b, q, c = self.coefficients(dtype)
-        powers = self._powers(q, length, dtype, start=0)  # [C, N, length]
-        return torch.einsum("cn,cnl->cl", c * b, powers)
-
-    @staticmethod
-    def _powers(q: Tensor, length: int, dtype: torch.dtype, start: int) -> Tensor:
-        ell = torch.arange(start, start + length, device=q.device, dtype=dtype)
-        return torch.exp(ell.view(1, 1, -1) * torch.log(q).unsqueeze(-1))
+        return _contract_states(c * b, _powers(q, torch.arange(length, device=q.device)))
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
         # The FFT runs in float32 at least (bf16/fp16 FFTs lose the long tail of the kernel).
@@ -107,13 +101,14 @@ class DampedEMA(nn.Module):
     @_exact
     def forward(self, x: Tensor) -> Tensor:
         """x: [L, B, C] -> y: [L, B, C] with zero initial state."""
-        if self.truncation is None:
-            return self.scan_chunk(x)[0]
-        length = x.shape[0]
         dtype = self.compute_dtype(x)
-        kernel = self.kernel(min(self.truncation, length), dtype)
-        y = fft_causal_conv(x.to(dtype), kernel)
-        return (y + self.omega.to(dtype) * x.to(dtype)).to(x.dtype)
+        xc = x.to(dtype)
+        if self.truncation is None:
+            y, _ = self._zero_state_scan(xc, final_state=False)
+        else:
+            kernel = self.kernel(min(self.truncation, x.shape[0]), dtype)
+            y = fft_causal_conv(xc, kernel)
+        return (y + self.omega.to(dtype) * xc).to(x.dtype)
 
     @_exact
     def scan_chunk(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -124,7 +119,8 @@ class DampedEMA(nn.Module):
         """
         dtype = self.compute_dtype(x)
         xc = x.to(dtype)
-        y, final = self._zero_state_scan(xc)
+        y, final = self._zero_state_scan(xc, final_state=True)
+        assert final is not None
         if state is not None:
             state = state.to(dtype)
             y = y + self.state_response(state, x.shape[0])
@@ -137,47 +133,59 @@ class DampedEMA(nn.Module):
         sum_n eta/sqrt(N) * q^(t+1) * state; [length, B, C] (omega's skip not included)."""
         k, n = self._chunking(length)
         _, q, c = self.coefficients(state.dtype)
-        powers = self._powers(q, k + 1, state.dtype, start=0)
-        carried = [state]  # the state entering chunk j is state * q^(j k)
-        for _ in range(n - 1):
-            carried.append(carried[-1] * powers[..., k])
-        y = torch.einsum("jbcn,cnk->jkbc", torch.stack(carried) * c, powers[..., 1:])
-        return y.reshape(n * k, *state.shape[:2])[:length]
+        within = _powers(q, torch.arange(k, device=q.device))  # q^t inside a chunk
+        starts = _powers(q, torch.arange(n, device=q.device) * k)  # q^(j k): chunk j's start
+        # [C, n, B, N]: the state as it enters chunk j, weighted by eta/sqrt(N) * q.
+        entering = state.transpose(0, 1).unsqueeze(1) * starts.transpose(1, 2).unsqueeze(2)
+        weighted = entering * (c * q).unsqueeze(1).unsqueeze(1)
+        return _from_chunk_rows(_respond(weighted, within), state.shape[0], 0, length)
 
     @_exact
     def chunk_decay(self, length: int, dtype: torch.dtype) -> Tensor:
         """q^length [C, N]: how much of a state survives ``length`` tokens."""
-        return self._powers(self.coefficients(dtype)[1], 1, dtype, start=length)[..., 0]
+        q = self.coefficients(dtype)[1]
+        return _powers(q, torch.tensor([length], device=q.device))[..., 0]
 
     def _chunking(self, length: int) -> tuple[int, int]:
         """(chunk length, number of chunks) for a sequence of ``length`` tokens."""
         k = self.chunk if 0 < self.chunk < length else length
         return k, -(-length // k)
 
-    def _zero_state_scan(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _zero_state_scan(self, x: Tensor, final_state: bool) -> tuple[Tensor, Tensor | None]:
         """An FFT convolution within each chunk (all chunks at once), and each chunk's final
         state decayed into the chunks after it: linear in L. Returns (y without omega's
-        skip, final state)."""
+        skip, the final state [B, C, N] if ``final_state`` else None).
+
+        The work runs channel-major, [C, chunks x B, k], so that every product is one batched
+        matmul over contiguous rows; the sequence is zero-padded at the front to whole chunks
+        (zero inputs into a zero state change nothing), so every chunk, the last included,
+        is full."""
         length, batch, channels = x.shape
         k, n = self._chunking(length)
-        xs = F.pad(x, (0, 0, 0, 0, 0, n * k - length)).view(n, k, batch, channels)
+        pad = n * k - length
         b, q, c = self.coefficients(x.dtype)
-        powers = self._powers(q, k + 1, x.dtype, start=0)  # q^0 .. q^k, [C, N, k+1]
-        kernel = torch.einsum("cn,cnl->cl", c * b, powers[..., :k])
-        inner = fft_causal_conv(xs.transpose(0, 1).reshape(k, n * batch, channels), kernel)
-        y = inner.view(k, n, batch, channels).transpose(0, 1)
-        # Each chunk's own final state: h = sum_s q^(k-1-s) p beta x_s.
-        own = torch.einsum("jkbc,cnk->jbcn", xs, powers[..., :k].flip(-1)) * b
-        carried = [torch.zeros_like(own[0])]
+        within = _powers(q, torch.arange(k, device=q.device))  # q^0 .. q^(k-1), [C, N, k]
+        rows = _to_chunk_rows(x, k, pad)  # [C, n B, k]
+        y = _causal_conv_rows(rows, _contract_states(c * b, within))
+        if n == 1 and not final_state:
+            return _from_chunk_rows(y, batch, pad, length), None
+        # Each chunk's own final state h = sum_s q^(k-1-s) p beta x_s: [C, n, B, N].
+        own = torch.bmm(rows, within.flip(-1).transpose(1, 2)).view(channels, n, batch, -1) * (
+            b.unsqueeze(1).unsqueeze(1)
+        )
+        decay = _powers(q, torch.tensor([k], device=q.device)).transpose(1, 2)  # q^k, [C, 1, N]
+        # The state entering chunk j; unbind/stack keep the backward to one tensor each.
+        owns = own.unbind(1)
+        entering = [torch.zeros_like(owns[0])]
         for j in range(n - 1):
-            carried.append(carried[-1] * powers[..., k] + own[j])
-        # The state carried into a chunk reaches its output t decayed by q^(t+1).
-        y = y + torch.einsum("jbcn,cnk->jkbc", torch.stack(carried) * c, powers[..., 1:])
-        # The last chunk may be padded: its final state counts only its r real tokens.
-        r = length - (n - 1) * k
-        last = torch.einsum("kbc,cnk->bcn", xs[-1, :r], powers[..., :r].flip(-1)) * b
-        final = carried[-1] * powers[..., r] + last
-        return y.reshape(n * k, batch, channels)[:length], final
+            entering.append(torch.addcmul(owns[j], entering[-1], decay))
+        final = (
+            torch.addcmul(owns[-1], entering[-1], decay).transpose(0, 1) if final_state else None
+        )
+        if n > 1:
+            weighted = torch.stack(entering, 1) * (c * q).unsqueeze(1).unsqueeze(1)
+            y = y + _respond(weighted, within)
+        return _from_chunk_rows(y, batch, pad, length), final
 
     @_exact
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,8 +206,75 @@ def fft_causal_conv(x: Tensor, kernel: Tensor) -> Tensor:
     x: [L, B, C]; kernel: [C, K] with K <= L. Returns [L, B, C].
     """
     length = x.shape[0]
-    n = 2 * length  # zero-padding to 2L makes the circular convolution linear
-    xf = torch.fft.rfft(x.permute(1, 2, 0), n=n)  # [B, C, n/2+1]
-    kf = torch.fft.rfft(F.pad(kernel, (0, length - kernel.shape[-1])), n=n)  # [C, n/2+1]
-    y = torch.fft.irfft(xf * kf, n=n)[..., :length]
-    return y.permute(2, 0, 1)
+    rows = _to_chunk_rows(x, length, 0)
+    return _from_chunk_rows(_fft_conv_rows(rows, kernel), x.shape[1], 0, length)
+
+
+def _powers(q: Tensor, exponents: Tensor) -> Tensor:
+    """q^e for every exponent: q [C, N], exponents [E] (integers) -> [C, N, E].
+
+    Powers below the dtype's smallest normal number are flushed to exact zero, as a GPU in
+    flush-to-zero mode would: on a CPU, subnormal floats make exp and every product that
+    touches them 10-30x slower, and a 1024-step kernel with q ~ 0.75 is subnormal in float32
+    past l ~ 300 (bench/RESULTS.md). The change is below 1.2e-38 absolute."""
+    exponent = exponents.to(q.dtype).view(1, 1, -1) * torch.log(q).unsqueeze(-1)
+    exponent = exponent.masked_fill(exponent < math.log(torch.finfo(q.dtype).tiny), -math.inf)
+    return torch.exp(exponent)
+
+
+def _contract_states(weights: Tensor, powers: Tensor) -> Tensor:
+    """sum_n weights[c, n] * powers[c, n, l] -> [C, L], as one batched matmul."""
+    return torch.bmm(weights.unsqueeze(1), powers).squeeze(1)
+
+
+def _to_chunk_rows(x: Tensor, k: int, pad: int) -> Tensor:
+    """[L, B, C] -> [C, n B, k]: ``pad`` zeros in front, then chunks of ``k`` tokens, each
+    chunk of each sequence one contiguous row of each channel."""
+    length, batch, channels = x.shape
+    x = F.pad(x, (0, 0, 0, 0, pad, 0)) if pad else x
+    n = (length + pad) // k
+    return x.reshape(n, k, batch, channels).permute(3, 0, 2, 1).reshape(channels, n * batch, k)
+
+
+def _from_chunk_rows(rows: Tensor, batch: int, start: int, length: int) -> Tensor:
+    """The inverse of ``_to_chunk_rows``: [C, n B, k] -> tokens start .. start + length of
+    the [n k, B, C] sequence."""
+    channels, n_batch, k = rows.shape
+    n = n_batch // batch
+    y = rows.view(channels, n, batch, k).permute(1, 3, 2, 0).reshape(n * k, batch, channels)
+    return y[start : start + length]
+
+
+# Up to this chunk length the convolution inside a chunk is a matmul with the kernel's
+# [k, k] Toeplitz matrix, above it an FFT: on a CPU at k = 32 the matmul's forward and
+# backward take 0.2x the FFT's time (bench/RESULTS.md), and it is what tensor cores run best.
+MATMUL_CONV_MAX = 128
+
+
+def _causal_conv_rows(rows: Tensor, kernel: Tensor) -> Tensor:
+    """Causal convolution of every row of channel c with kernel[c]: rows [C, R, k], kernel
+    [C, K <= k] -> [C, R, k]."""
+    k = rows.shape[-1]
+    if k > MATMUL_CONV_MAX:
+        return _fft_conv_rows(rows, kernel)
+    kernel = F.pad(kernel, (0, k - kernel.shape[-1]))
+    steps = torch.arange(k, device=rows.device)
+    lag = steps.view(1, -1) - steps.view(-1, 1)  # [s, t] = t - s
+    # toeplitz[c, s, t] = kernel[c, t - s] for t >= s, else 0.
+    toeplitz = kernel[:, lag.clamp_min(0).flatten()].view(-1, k, k) * (lag >= 0).to(rows.dtype)
+    return torch.bmm(rows, toeplitz)
+
+
+def _fft_conv_rows(rows: Tensor, kernel: Tensor) -> Tensor:
+    """Causal convolution of every row of channel c with kernel[c]: rows [C, R, k], kernel
+    [C, K <= k] -> [C, R, k]. Zero-padding to 2k makes the circular convolution linear."""
+    k = rows.shape[-1]
+    spectrum = torch.fft.rfft(rows, n=2 * k) * torch.fft.rfft(kernel, n=2 * k).unsqueeze(1)
+    return torch.fft.irfft(spectrum, n=2 * k)[..., :k]
+
+
+def _respond(entering: Tensor, within: Tensor) -> Tensor:
+    """What the states entering the chunks add to each chunk's outputs: entering [C, n, B, N]
+    (already weighted by eta/sqrt(N) * q), within [C, N, k] = q^t -> [C, n B, k]."""
+    channels, n, batch, ndim = entering.shape
+    return torch.bmm(entering.reshape(channels, n * batch, ndim), within)

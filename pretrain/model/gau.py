@@ -213,7 +213,6 @@ class GatedAttentionUnit(nn.Module):
         offs = torch.arange(window, device=w.q.device)
         act_distance = (offs.unsqueeze(1) + window) - torch.arange(2 * window, device=w.q.device)
         allowed = ((act_distance >= 0) & (act_distance <= window)) & w.valid_k.unsqueeze(1)
-        pos_distance = w.pos_q.unsqueeze(-1) - w.pos_k.unsqueeze(-2)
         if self.uses_fused_kernel():
             # The score blocks are never kept for backward. Each query may also see its own
             # slot, so that no row is empty (an empty slot's query, whose output is
@@ -227,14 +226,14 @@ class GatedAttentionUnit(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, mask, scale=self.scale()).squeeze(1)
         else:
             scores = torch.matmul(w.q, w.k.transpose(-1, -2)) * self.scale()
-            weights = self.attention_weights(scores, allowed, pos_distance, act_distance)
+            weights = self.attention_weights(scores, allowed, w.pos_distance(), act_distance)
             out = torch.matmul(weights.to(w.v.dtype), w.v)
         stats = None
         if collect_stats:
             with torch.no_grad():
                 attended = allowed & w.valid_q.unsqueeze(-1)
                 stats = SpanStats(
-                    distance_sum=(pos_distance * attended).sum().to(torch.float64),
+                    distance_sum=(w.pos_distance() * attended).sum().to(torch.float64),
                     pairs=attended.sum(),
                 )
         return out, stats
@@ -287,6 +286,10 @@ class Windows:
             valid_k=items(with_previous(to_blocks(valid))),
             valid_q=items(to_blocks(query_valid)),
         )
+
+    def pos_distance(self) -> Tensor:
+        """Original position of each query minus that of each key: [I, w, 2w]."""
+        return self.pos_q.unsqueeze(-1) - self.pos_k.unsqueeze(-2)
 
     def join(self, out: Tensor, length: int, batch: int) -> Tensor:
         """Item outputs [B * n, w, H] -> compressed [M, B, H]."""
