@@ -56,6 +56,8 @@ def worker(args: argparse.Namespace) -> None:
     from pretrain.model.layer import SeqBoatLayer
     from pretrain.model.transformer import TransformerLayer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = layer_config(args, args.arch, args.act_bias)
     layer = (SeqBoatLayer if args.arch == "seqboat" else TransformerLayer)(cfg)
@@ -79,6 +81,7 @@ def measure(args: argparse.Namespace, arch: str, length: int, act_bias: float = 
         sys.executable, __file__, "--worker", "--arch", arch, "--length", str(length),
         "--act-bias", repr(act_bias), "--width", str(args.width), "--zdim", str(args.zdim),
         "--window", str(args.window), "--heads", str(args.heads), "--repeats", str(args.repeats),
+        "--threads", str(args.threads),
     ]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -94,6 +97,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="seqboat", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, default=1024, help=argparse.SUPPRESS)
@@ -108,7 +112,8 @@ def main() -> None:
     print(
         f"one layer, batch 1, D={args.width}, H={2 * args.width}, Z={args.zdim}, "
         f"window={args.window}, Transformer {args.heads} heads + FFN {4 * args.width}; "
-        f"fp32 CPU, {torch.get_num_threads()} threads; min of {args.repeats} fwd+bwd"
+        f"fp32 CPU, {args.threads or torch.get_num_threads()} threads; "
+        f"min of {args.repeats} fwd+bwd"
     )
     print("\n1) sequence length (SeqBoat routing as initialised)")
     header = f"{'L':>6} | {'SeqBoat s':>9} {'MiB':>7} {'act':>5} | {'Transf. s':>9} {'MiB':>7}"
