@@ -1,12 +1,14 @@
 """Whole-model training tokens/s, SeqBoat against a Transformer of the same parameter count,
 for growing sequence length L, on this machine's CPU (or a GPU with --device cuda).
 
-Both models are pretrain/model/lm.py's LanguageModel: SeqBoat with the shape below (routing
-as initialised, activation ratio printed), and the Transformer baseline (RoPE, SDPA, GELU FFN)
-with the same width and embedding, head size 64, and layers / FFN width solved for the same
-parameter count (bench/gpu_check.py ``match_transformer``; both counts printed). Each row is
-one fresh process per model: warm-up steps, then the best of ``--repeats`` training steps
-(forward, backward, AdamW) on random tokens, batch 1, fp32.
+Both models are pretrain/model/lm.py's LanguageModel: SeqBoat with the shape below, with its
+router as initialised (activation ratio printed) and with every token through the GAU
+(``model.routing=always``, the dense worst case), and the Transformer baseline (RoPE, SDPA,
+GELU FFN) with the same width and embedding, head size 64, and layers / FFN width solved
+for the same parameter count (bench/gpu_check.py ``match_transformer``; counts printed).
+Each row is one fresh process per model: warm-up steps, then the best of ``--repeats``
+training steps (forward, backward, AdamW at learning rate 0, so that the routing stays as
+initialised: on random tokens a trained router soon skips every token), batch 1, fp32.
 
     python bench/model_speed.py                          # L = 1K .. 16K, ~6 min on 2 cores
     python bench/model_speed.py --lengths 1024 8192 --threads 1
@@ -39,6 +41,8 @@ def model_config(args: argparse.Namespace, arch: str):
     cfg = seqboat_config(args)
     if arch == "seqboat":
         return cfg
+    if arch == "seqboat-always":
+        return dataclasses.replace(cfg, routing="always")
     from bench.gpu_check import match_transformer
 
     overrides, _, _ = match_transformer(cfg, args.vocab)
@@ -61,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = LanguageModel(model_config(args, args.arch), args.vocab).to(device).train()
-    optimizer = optimizer_for(model, OptimizerConfig(name="adamw"))
+    optimizer = optimizer_for(model, OptimizerConfig(name="adamw", lr=0.0))
     tokens = torch.randint(0, args.vocab, (1, args.length + 1), device=device)
 
     def step(collect_stats: bool = False):
@@ -84,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
         step()
         sync()
         times.append(time.perf_counter() - start)
-    stats = step(collect_stats=args.arch == "seqboat")
+    stats = step(collect_stats=args.arch.startswith("seqboat"))
     ratio = sum(float(s.activated.float().mean()) for s in stats) / len(stats) if stats else None
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"time": min(times), "params": params, "ratio": ratio}))
@@ -127,20 +131,29 @@ def main() -> None:
         f"parameter count;\nbatch 1, fp32, {args.device}, torch {torch.__version__}, "
         f"{args.threads} threads; best of {args.repeats} training steps (fwd+bwd+AdamW)"
     )
-    header = f"{'L':>6} | {'SeqBoat tok/s':>13} {'act':>5} | {'Transf. tok/s':>13}"
-    print(f"{header} | {'SeqBoat/Transf.':>15}")
+    print(
+        f"{'':>6} | {'SeqBoat (router)':>20} | {'SeqBoat (always)':>16} | {'Transformer':>11} | "
+        f"{'SeqBoat / Transformer':>21}"
+    )
+    print(
+        f"{'L':>6} | {'tok/s':>13} {'act':>6} | {'tok/s':>16} | {'tok/s':>11} | "
+        f"{'router':>10} {'always':>10}"
+    )
     params = None
     for length in args.lengths:
-        s, t = measure(args, "seqboat", length), measure(args, "transformer", length)
-        params = (s["params"], t["params"])
-        s_tps, t_tps = length / s["time"], length / t["time"]
+        s, a, t = (measure(args, arch, length) for arch in ("seqboat", "seqboat-always",
+                                                            "transformer"))  # fmt: skip
+        params = (s["params"], a["params"], t["params"])
+        s_tps, a_tps, t_tps = (length / r["time"] for r in (s, a, t))
         print(
-            f"{length:>6} | {s_tps:>13,.0f} {s['ratio']:>5.2f} | {t_tps:>13,.0f} | "
-            f"{s_tps / t_tps:>15.2f}",
+            f"{length:>6} | {s_tps:>13,.0f} {s['ratio']:>6.2f} | {a_tps:>16,.0f} | "
+            f"{t_tps:>11,.0f} | {s_tps / t_tps:>10.2f} {a_tps / t_tps:>10.2f}",
             flush=True,
         )
     if params:
-        print(f"parameters: SeqBoat {params[0]:,}, Transformer {params[1]:,}")
+        print(
+            f"parameters: SeqBoat {params[0]:,} (always: {params[1]:,}), Transformer {params[2]:,}"
+        )
 
 
 if __name__ == "__main__":

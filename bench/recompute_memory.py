@@ -54,6 +54,8 @@ def worker(args: argparse.Namespace) -> None:
     cpu_compat.install()
     import megatron.core.tensor_parallel  # noqa: F401
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
@@ -126,7 +128,7 @@ def measure(args: argparse.Namespace, scope: str, arch: str, mode: str, length: 
         "--length", str(length), "--width", str(args.width), "--zdim", str(args.zdim),
         "--window", str(args.window), "--heads", str(args.heads), "--layers", str(args.layers),
         "--vocab", str(args.vocab), "--batch", str(args.batch), "--repeats", str(args.repeats),
-        "--device", args.device, "--precision", args.precision,
+        "--device", args.device, "--precision", args.precision, "--threads", str(args.threads),
     ]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -170,6 +172,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--scopes", nargs="+", default=["layer", "model"])
     ap.add_argument("--goal-length", type=int, default=8192)
@@ -188,7 +191,8 @@ def main() -> None:
     print(
         f"D={args.width}, H={2 * args.width}, Z={args.zdim}, window={args.window}, batch "
         f"{args.batch}; Transformer {args.heads} heads + FFN {4 * args.width}; {args.precision} "
-        f"on {args.device} ({torch.get_num_threads()} threads); min of {args.repeats} fwd+bwd; "
+        f"on {args.device} ({args.threads or torch.get_num_threads()} threads); "
+        f"min of {args.repeats} fwd+bwd; "
         "routing as initialised ('act': activation ratio)"
     )
     results = {scope: table(args, scope) for scope in args.scopes}
