@@ -22,6 +22,12 @@ class SourceConfig:
       available wherever Python is; one document per topic.
     - ``tokenized``: a directory written by ``seqboat prepare data`` (token shards read by
       memory mapping; the tokenizer must be the one that prepared it).
+
+    ``split_files`` (streamed sources of several files, or hub datasets of several data
+    files): give each group of lanes its own block of the files, so that a data-parallel
+    rank opens and scans about ``files / DP`` of them instead of all (``data/lanes.py``).
+    It changes the source's sample order and holds documents out by their index in their
+    file; a single-file source is read the same either way.
     """
 
     path: str | list[str] | None = None
@@ -35,6 +41,7 @@ class SourceConfig:
     # Local text files that are not valid UTF-8: "strict" stops with an error naming the
     # file, "replace" reads bad bytes as U+FFFD.
     errors: str = "strict"
+    split_files: bool = False
 
 
 @dataclass

@@ -1,19 +1,27 @@
 """Lanes: the unit of data work, defined independently of the data-parallel size.
 
 Row ``j`` of every global batch comes from lane ``j`` (there are ``global_batch_size``
-lanes). A lane owns, in every source, the training documents whose index ``g`` in that
-source's infinite train stream (its train documents, epoch after epoch) satisfies
-``g % lanes == j``; it has its own packers, its own mixture and shuffle random streams and
-its own shuffle buffer. Nothing a lane produces depends on which rank builds it, so a rank
-builds only the lanes of its rows (1/DP of the work) and the global sample order is the
-same on any number of ranks. The idea is MosaicML streaming's "canonical nodes" and
-Megatron's global sample index: the partition of the data is fixed by the run, the ranks
-only pick their part of it.
+lanes). A lane has its own packers, its own mixture and shuffle random streams and its own
+shuffle buffer, and owns a fixed part of every source's training documents. Nothing a lane
+produces depends on which rank builds it, so a rank builds only the lanes of its rows (1/DP
+of the work) and the global sample order is the same on any number of ranks. The idea is
+MosaicML streaming's "canonical nodes" and Megatron's global sample index: the partition of
+the data is fixed by the run, the ranks only pick their part of it.
 
-A rank reads each source's documents once for all its lanes (:class:`DocumentReader`): it
-tokenizes only its lanes' documents, but a streamed source has no index, so the rank still
-scans (and discards) the other lanes' raw documents. That scan is the per-rank constant of
-the streamed path; pre-tokenized shards (``tokenized:`` sources) have none.
+Which documents a lane owns:
+
+- A prepared source (``tokenized:``), and a streamed source read in one order: the training
+  documents whose index ``g`` in the source's infinite train stream (its train documents,
+  epoch after epoch) satisfies ``g % lanes == j``. A prepared document is found by
+  arithmetic; a streamed source has no index, so a rank scans (and discards) the other
+  lanes' raw documents (:class:`DocumentReader`): the per-rank constant of streaming.
+- A streamed source split by file (``split_files``, :func:`lane_groups`): its files (the
+  ``datasets`` shards) and the lanes are both cut into ``min(files, lanes)`` contiguous
+  blocks; lane group ``i`` reads only file block ``i`` (its files in order, epoch after
+  epoch), whose train documents it deals round robin to its lanes. A rank's contiguous
+  lanes fall in about ``groups / DP`` groups, so it opens and scans about ``files / DP``
+  files, like ``datasets.distributed.split_dataset_by_node`` with whole shards per node,
+  but with the assignment fixed by the lanes, not by the number of ranks.
 """
 
 from __future__ import annotations
@@ -22,61 +30,99 @@ import sys
 from collections import deque
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 
 from data.config import SourceConfig
 from data.packing import Packer
 from data.prepared import PreparedDataset
-from data.sources import describe, documents, open_source
+from data.sources import describe, documents
 from data.tokenizer import Tokenizer
 
 # Independent counter-based random streams (seeded ``[seed, stream, lane, index]``).
 MIXTURE, SHUFFLE = 0, 1
 
 
-def _position(dataset_state: dict, epoch: int, doc_index: int, g: int) -> dict[str, Any]:
-    """A point in a source's train stream: the dataset's state before the next raw document,
-    that document's index in its epoch (train and held-out), and the index ``g`` the next
-    train document gets in the infinite train stream."""
-    return {"dataset": dataset_state, "epoch": epoch, "doc_index": doc_index, "g": g}
+def block(n: int, parts: int, i: int) -> range:
+    """Block ``i`` of ``range(n)`` cut into ``parts`` contiguous blocks whose sizes differ by
+    at most one (the first ``n % parts`` are longer), as ``datasets``' contiguous shards."""
+    div, mod = divmod(n, parts)
+    start = div * i + min(i, mod)
+    return range(start, start + div + (i < mod))
+
+
+def lane_groups(files: int, lanes: int) -> list[tuple[range, range]]:
+    """``(lanes, files)`` of each lane group of a source split by file: ``min(files, lanes)``
+    groups, each a contiguous block of the lanes and the same-numbered block of the files.
+    Depends only on the two counts, never on the number of ranks."""
+    groups = min(files, lanes)
+    return [(block(lanes, groups, i), block(files, groups, i)) for i in range(groups)]
+
+
+def _position(
+    dataset_state: dict | None, epoch: int, unit: int, doc_index: int, g: int
+) -> dict[str, Any]:
+    """A point in a lane group's train stream: the state of its unit ``unit`` (a file, or
+    the whole source) before the next raw document, that document's index in the unit
+    (train and held-out), and the index ``g`` the next train document gets in the group's
+    infinite train stream (its units in order, epoch after epoch)."""
+    return {"dataset": dataset_state, "epoch": epoch, "unit": unit, "doc_index": doc_index, "g": g}
 
 
 class DocumentReader:
-    """One source's training documents on one rank, dealt to the lanes this rank builds.
+    """A streamed source's training documents for one lane group, on one rank.
 
-    Documents are read in order and queued (as text, untokenized) for the lane they belong
-    to; the other lanes' documents are skipped. A lane's resume point is the position just
-    before the first document it has not tokenized yet, so queued documents are never
-    saved: they are read again on resume.
+    The group reads its units (the whole source, or its block of files) in order, epoch
+    after epoch; document ``d`` of a unit is held out iff ``d % holdout == holdout - 1``;
+    train document ``g`` of the group goes to lane ``lanes[g % len(lanes)]``. Documents are
+    read in order and queued (as text, untokenized) for the owned lane they belong to; the
+    other lanes' documents are skipped. A lane's resume point is the position just before
+    the first document it has not tokenized yet, so queued documents are never saved: they
+    are read again on resume.
     """
 
     def __init__(
         self,
         src: SourceConfig,
         tokenizer: Tokenizer,
+        units: list[datasets.IterableDataset],
         holdout: int,
-        lanes: int,
+        lanes: range,
         owned: list[int],
         work: list[int],
+        where: str = "",
+        warned: set[str] | None = None,
     ) -> None:
         self._src = src
         self._tokenizer = tokenizer
         self._holdout = holdout
-        self._lanes = lanes
-        self._work = work  # [characters tokenized, tokens read] on this rank (for benches)
-        # One dataset for all epochs: reopening costs a `load_dataset` call each time, and
+        self._first, self._lanes = lanes.start, len(lanes)
+        self._where = where  # which part of the source, for messages ("" = all of it)
+        # Sources already warned about (shared by a source's groups: one warning, not one a
+        # group).
+        self._warned = set() if warned is None else warned
+        self._work = work  # [characters tokenized, tokens read, raw documents read] (benches)
+        # One dataset per unit for all epochs: reopening costs a `load_dataset` call, and
         # `set_epoch` would reshuffle the shards. Loading the pre-iteration state rewinds it.
-        self._dataset = open_source(src)
-        self._start = self._dataset.state_dict()
+        self._units = units
+        self._starts = [unit.state_dict() for unit in units]
         self._queues: dict[int, deque[tuple[dict, str]]] = {lane: deque() for lane in owned}
-        self._want = {lane: lane for lane in owned}  # next g each lane has not queued yet
-        self._seek(_position(self._start, 0, 0, 0))
-        self._read_one()  # an empty source fails here, naming itself, not at the first step
+        self._want = {lane: lane - self._first for lane in owned}  # next g not queued yet
+        self._seek(_position(self._starts[0], 0, 0, 0, 0))
+        # An empty source fails here, naming itself, not at the first step.
+        while not self._read_one():
+            pass
+
+    @property
+    def lanes(self) -> list[int]:
+        """The lanes of this rank that this reader feeds."""
+        return list(self._queues)
 
     def _seek(self, position: dict[str, Any]) -> None:
-        self._dataset.load_state_dict(position["dataset"])
-        self._documents = documents(self._src, self._dataset)
+        dataset = self._units[position["unit"]]
+        dataset.load_state_dict(position["dataset"])
+        self._documents = documents(self._src, dataset)
         # `IterableDataset.state_dict()` reflects a loaded state only once iteration has
         # started, so a seek keeps the loaded copy (see _position_here).
         self._here = position
@@ -92,44 +138,58 @@ class DocumentReader:
 
     def _position_here(self) -> dict[str, Any]:
         """The current position, its dataset state made concrete (``None`` stands for the
-        dataset's live state, valid only until the next document is read)."""
+        unit's live state, valid only until the next document is read)."""
         if self._here["dataset"] is None:
-            self._here = {**self._here, "dataset": self._dataset.state_dict()}
+            state = self._units[self._here["unit"]].state_dict()
+            self._here = {**self._here, "dataset": state}
         return self._here
 
-    def _read_one(self) -> None:
+    def _read_one(self) -> bool:
+        """Reads the next raw document; False where a unit ended instead."""
         here = self._here
         k = self._holdout
         held_out = k > 0 and here["doc_index"] % k == k - 1
-        lane = here["g"] % self._lanes
+        lane = self._first + here["g"] % self._lanes
         ours = not held_out and self._want.get(lane) == here["g"]
         if ours:  # keep the position before it: the lane resumes there
             here = self._position_here()
         example = next(self._documents, None)
         if example is None:
-            # k >= 2, so document 0 is always a train document: no documents, no training.
-            if here["doc_index"] == 0:
-                raise ValueError(f"data source {describe(self._src)} has no training documents")
-            if here["epoch"] == 0 and here["g"] < self._lanes:
-                print(
-                    f"seqboat: warning: data source {describe(self._src)} has {here['g']} "
-                    f"training documents, fewer than the {self._lanes} lanes (rows of the "
-                    "global batch): several rows read the same documents at the same time",
-                    file=sys.stderr,
-                )
-            self._seek(_position(self._start, here["epoch"] + 1, 0, here["g"]))
-            return
+            self._end_of_unit(here)
+            return False
+        self._work[2] += 1
         g = here["g"] + (not held_out)
         # The dataset's state is copied only where a position is kept (a document of our
         # lanes, a lane's resume point): most documents a rank reads are other ranks'.
-        self._here = _position(None, here["epoch"], here["doc_index"] + 1, g)
+        self._here = _position(None, here["epoch"], here["unit"], here["doc_index"] + 1, g)
         if ours:
             self._queues[lane].append((here, example["text"]))
             self._want[lane] += self._lanes
+        return True
+
+    def _end_of_unit(self, here: dict[str, Any]) -> None:
+        unit, epoch, g = here["unit"] + 1, here["epoch"], here["g"]
+        if unit < len(self._units):
+            self._seek(_position(self._starts[unit], epoch, unit, 0, g))
+            return
+        if epoch == 0 and g == 0:  # document 0 of a unit is a train document (k >= 2)
+            raise ValueError(
+                f"data source {describe(self._src)} has no training documents{self._where}"
+            )
+        if epoch == 0 and g < self._lanes and describe(self._src) not in self._warned:
+            self._warned.add(describe(self._src))
+            print(
+                f"seqboat: warning: data source {describe(self._src)}{self._where} has {g} "
+                f"training documents, fewer than the {self._lanes} lanes (rows of the "
+                "global batch) that read them: several rows read the same documents at the "
+                "same time",
+                file=sys.stderr,
+            )
+        self._seek(_position(self._starts[0], epoch + 1, 0, 0, g))
 
     def lane_state(self, lane: int) -> dict[str, Any]:
-        """Where ``lane`` resumes: its first untokenized document and a position at or
-        before it."""
+        """Where ``lane`` resumes: its first untokenized document (``next``, its index in the
+        group's train stream) and a position at or before it (``at``)."""
         queue = self._queues[lane]
         if queue:
             at = queue[0][0]
@@ -141,23 +201,22 @@ class DocumentReader:
         if set(states) != set(self._queues):
             raise ValueError("the data state does not hold this rank's lanes")
         for lane, state in states.items():
-            if state["next"] % self._lanes != lane:
+            if self._first + state["next"] % self._lanes != lane:
                 raise ValueError(f"data state of lane {lane} points at another lane's document")
             self._queues[lane].clear()
             self._want[lane] = state["next"]
+        # States saved before units existed read the whole source: unit 0.
+        positions = [{"unit": 0, **s["at"]} for s in states.values()]
         # Start at the earliest resume point; later lanes skip documents before theirs.
-        earliest = min(
-            (s["at"] for s in states.values()), key=lambda p: (p["epoch"], p["doc_index"])
-        )
-        self._seek(earliest)
+        self._seek(min(positions, key=lambda p: (p["epoch"], p["unit"], p["doc_index"])))
 
 
 class PreparedReader:
     """One prepared (pre-tokenized) source's training documents for the lanes of this rank.
 
     Train document ``g`` of the infinite train stream is found by arithmetic (the same
-    hold-out rule as a streamed source's), and read from the memory-mapped shards: a rank
-    reads only its lanes' documents, and a lane's resume point is one integer.
+    hold-out rule as a streamed source read in one order), and read from the memory-mapped
+    shards: a rank reads only its lanes' documents, and a lane's resume point is one integer.
     """
 
     def __init__(
@@ -185,6 +244,11 @@ class PreparedReader:
                 file=sys.stderr,
             )
         self._want = {lane: lane for lane in owned}
+
+    @property
+    def lanes(self) -> list[int]:
+        """The lanes of this rank that this reader feeds."""
+        return list(self._want)
 
     def take(self, lane: int) -> list[int]:
         g = self._want[lane]
@@ -215,7 +279,7 @@ class Lane:
     def __init__(
         self,
         index: int,
-        readers: list[DocumentReader | PreparedReader],
+        readers: list[DocumentReader | PreparedReader],  # this lane's reader of each source
         eos_id: int,
         seq_length: int,
         cumulative: np.ndarray,

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from data.config import DataConfig, SourceConfig
-from data.lanes import DocumentReader, Lane, PreparedReader
+from data.lanes import DocumentReader, Lane, PreparedReader, lane_groups
 from data.packing import Packer
 from data.prepared import PreparedDataset
-from data.sources import documents, open_source
+from data.sources import describe, describe_files, documents, open_source, units
 from data.tokenizer import Tokenizer
 
 
@@ -51,9 +51,10 @@ def _held_out_documents(
         for d in range(holdout - 1, dataset.documents, holdout):
             yield dataset.document(d).tolist()
         return
-    for d, example in enumerate(documents(src, open_source(src))):
-        if d % holdout == holdout - 1:
-            yield tokenizer.encode(example["text"])
+    for unit in units(src, open_source(src)):  # held out by index in the unit
+        for d, example in enumerate(documents(src, unit)):
+            if d % holdout == holdout - 1:
+                yield tokenizer.encode(example["text"])
 
 
 class _ValidationStream:
@@ -73,6 +74,54 @@ class _ValidationStream:
                 return None
             self.packer.push(tokens)
         return self.packer.pop()
+
+
+Reader = DocumentReader | PreparedReader
+
+
+def _source_readers(
+    src: SourceConfig,
+    tokenizer: Tokenizer,
+    holdout: int,
+    lanes: int,
+    owned: list[int],
+    work: list[int],
+) -> tuple[list[Reader], dict[str, int] | None]:
+    """The readers of ``src`` that feed this rank's lanes (``owned``), and how the source
+    is split over the lanes (``None``: read in one order, every rank reading all of it)."""
+    if src.tokenized:
+        if src.split_files:
+            raise ValueError(
+                f"data source {describe(src)}: split_files is for streamed sources (a "
+                "tokenized source is already read by each rank only for its lanes)"
+            )
+        dataset = open_prepared(src, tokenizer)
+        return [PreparedReader(src, dataset, holdout, lanes, owned, work)], None
+    parts = units(src, open_source(src))
+    if len(parts) == 1:
+        return [DocumentReader(src, tokenizer, parts, holdout, range(lanes), owned, work)], None
+    readers: list[Reader] = []
+    warned: set[str] = set()
+    for group, files in lane_groups(len(parts), lanes):
+        mine = [lane for lane in owned if lane in group]
+        if mine:  # a rank opens only the files of its lanes' groups
+            where = (
+                f" in {describe_files(src, files, len(parts))} (split_files: the only files "
+                f"of lanes {group.start}-{group.stop - 1})"
+            )
+            group_units = [parts[f] for f in files]
+            readers.append(
+                DocumentReader(
+                    src, tokenizer, group_units, holdout, group, mine, work, where, warned
+                )
+            )
+    return readers, {"files": len(parts), "groups": min(len(parts), lanes)}
+
+
+def _layout_text(layout: dict[str, int] | None) -> str:
+    if layout is None:
+        return "read in one order (split_files off, or a single file)"
+    return f"split by file over lane groups ({layout['files']} files, {layout['groups']} groups)"
 
 
 class PretrainLoader:
@@ -119,19 +168,25 @@ class PretrainLoader:
         cumulative[-1] = 1.0  # so that every u in [0, 1) falls in some source
         # ``shuffle_buffer`` samples in all, spread over the lanes.
         self._slots = -(-cfg.shuffle_buffer // self._lanes)
-        # This rank's data work: [characters tokenized, prepared tokens read] (for benches).
-        self._work = [0, 0]
-        self._readers = [
-            PreparedReader(
-                src, open_prepared(src, tokenizer), holdout, self._lanes, owned, self._work
+        # This rank's data work: [characters tokenized, prepared tokens read, streamed raw
+        # documents read] (for benches and tests).
+        self._work = [0, 0, 0]
+        self._sources = cfg.sources
+        self._readers: list[list[Reader]] = []  # per source: its readers on this rank
+        self._layouts: list[dict[str, int] | None] = []
+        lane_readers: dict[int, list[Reader]] = {lane: [] for lane in owned}
+        for src in cfg.sources:
+            readers, layout = _source_readers(
+                src, tokenizer, holdout, self._lanes, owned, self._work
             )
-            if src.tokenized
-            else DocumentReader(src, tokenizer, holdout, self._lanes, owned, self._work)
-            for src in cfg.sources
-        ]
+            self._readers.append(readers)
+            self._layouts.append(layout)
+            for reader in readers:
+                for lane in reader.lanes:
+                    lane_readers[lane].append(reader)
         eos = tokenizer.eos_id
         self._rows = [
-            Lane(lane, self._readers, eos, seq_length, cumulative, self._slots, cfg.seed)
+            Lane(lane, lane_readers[lane], eos, seq_length, cumulative, self._slots, cfg.seed)
             for lane in owned
         ]
 
@@ -144,6 +199,12 @@ class PretrainLoader:
     def samples_drawn(self) -> int:
         """Samples this rank's lanes have taken from their mixtures (shuffle buffers included)."""
         return sum(lane.drawn for lane in self._rows)
+
+    @property
+    def documents_scanned(self) -> int:
+        """Raw documents this rank has read from its streamed sources: its lanes' and those
+        of the other lanes it had to skip over (the files of its lanes' groups)."""
+        return self._work[2]
 
     @property
     def tokens_read(self) -> int:
@@ -163,6 +224,7 @@ class PretrainLoader:
         state = {
             "seq_length": self._seq_length,
             "lanes": self._lanes,
+            "layouts": self._layouts,  # per source: how it is split over the lanes
             "lane_states": {lane.index: lane.state_dict() for lane in self._rows},
         }
         return gather_lane_states(state, group)
@@ -183,6 +245,22 @@ class PretrainLoader:
                 f"data state was saved with {state['lanes']} lanes (global_batch_size), "
                 f"this run has {self._lanes}"
             )
+        # States saved before split_files read every source in one order.
+        layouts = state.get("layouts", [None] * len(_state_sources(state)))
+        if len(layouts) != len(self._readers):
+            raise ValueError(
+                f"data state has {len(layouts)} sources, the config has {len(self._readers)}"
+            )
+        for i, (then, now) in enumerate(zip(layouts, self._layouts, strict=True)):
+            if then != now:
+                hint = ""
+                if (then is None) != (now is None):
+                    hint = f" (set split_files: {str(then is not None).lower()} to resume it)"
+                raise ValueError(
+                    f"data state was saved with data source {i} ({describe(self._sources[i])}) "
+                    f"{_layout_text(then)}; this run has it {_layout_text(now)}, which gives "
+                    f"other samples: it cannot resume this state{hint}"
+                )
         saved = state["lane_states"]
         missing = [lane.index for lane in self._rows if lane.index not in saved]
         if missing:
@@ -194,10 +272,17 @@ class PretrainLoader:
                     f"has {len(self._readers)}"
                 )
             lane.load_state_dict(saved[lane.index])
-        for source, reader in enumerate(self._readers):
-            reader.load_lane_states(
-                {lane.index: saved[lane.index]["sources"][source] for lane in self._rows}
-            )
+        for source, readers in enumerate(self._readers):
+            for reader in readers:
+                reader.load_lane_states(
+                    {lane: saved[lane]["sources"][source] for lane in reader.lanes}
+                )
+
+
+def _state_sources(state: dict[str, Any]) -> list[Any]:
+    """The per-source entries of any one lane of ``state`` (the sources it was saved with)."""
+    lanes = state["lane_states"]
+    return next(iter(lanes.values()))["sources"] if lanes else []
 
 
 def gather_lane_states(state: dict[str, Any], group: dist.ProcessGroup | None) -> dict[str, Any]:

@@ -72,6 +72,26 @@ def open_source(src: SourceConfig) -> datasets.IterableDataset:
     return dataset.filter(_is_document, input_columns="text")
 
 
+def units(src: SourceConfig, dataset: datasets.IterableDataset) -> list[datasets.IterableDataset]:
+    """What a streamed source (``open_source(src)``) is read in: one dataset per file (per
+    ``datasets`` shard: a local file, a hub data file) when ``src.split_files`` and it has
+    several, else the whole source. Documents are held out by their index in their unit."""
+    n = dataset.n_shards
+    if not src.split_files or n < 2:
+        return [dataset]
+    return [dataset.shard(num_shards=n, index=i, contiguous=True) for i in range(n)]
+
+
+def describe_files(src: SourceConfig, files: range, count: int) -> str:
+    """Files ``files`` of the ``count`` units of ``src`` split by file, for messages."""
+    names = _source_files(src) if src.path else []
+    if len(names) != count:  # a hub dataset: its data files by number
+        return f"files {files.start}-{files.stop - 1} of {count}"
+    shown = [names[i] for i in files[:3]]
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return f"{', '.join(shown)}{more}"
+
+
 def documents(src: SourceConfig, dataset: datasets.IterableDataset) -> Iterator[dict[str, Any]]:
     """Iterates ``dataset`` (``open_source(src)``); a file that is not valid UTF-8 is one
     error naming it, not a decoder traceback."""

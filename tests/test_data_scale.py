@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import data.lanes
 from data.config import DataConfig, SourceConfig, TokenizerConfig
-from data.loader import PretrainLoader, merge_lane_states
+from data.loader import PretrainLoader, merge_lane_states, validation_samples
 from data.prefetch import Prefetcher
 from data.prepare import PrepareOptions, prepare_sources
+from data.sources import documents
 from data.tokenizer import ByteTokenizer
 from pretrain.monitor import read_metrics
 from testing.local import free_ports, subprocess_env
@@ -29,6 +31,10 @@ from tests.conftest import CORPUS
 SEQ, BATCH, STEPS = 64, 16, 40
 # Short-line prose (one document per line): the per-rank work is even at this small scale.
 PROSE = [str(CORPUS / name) for name in ("brown.txt", "moby_dick.txt", "shakespeare.txt")]
+# PROSE's lines dealt round robin to this many files (so that the files read alike): more
+# files than lanes (lane groups of one lane, of one or two files), and fewer (groups of two
+# or three lanes sharing a file, straddling the ranks' blocks of lanes at DP = 4 and 8).
+MANY_FILES, FEW_FILES = 24, 6
 
 
 class CountingTokenizer(ByteTokenizer):
@@ -68,11 +74,28 @@ def prepared_and_streamed(directory: Path) -> DataConfig:
     return cfg
 
 
+def split(directory: Path) -> DataConfig:
+    """A streamed source of many files, split over the lanes by file."""
+    source = SourceConfig(path=str(directory / "*.txt"), split_files=True)
+    return DataConfig(sources=[source], shuffle_buffer=32, seed=3)
+
+
+def split_and_prepared(prepared_dir: Path, few_files: Path) -> DataConfig:
+    cfg = mixture()
+    cfg.sources = [
+        SourceConfig(tokenized=str(prepared_dir), weight=3.0),
+        SourceConfig(path=str(few_files / "*.txt"), split_files=True),
+    ]
+    return cfg
+
+
 CONFIGS = {
-    "streamed": streamed,
-    "mixture": mixture,
-    "prepared": prepared,
-    "prepared+streamed": prepared_and_streamed,
+    "streamed": lambda dirs: streamed(),
+    "mixture": lambda dirs: mixture(),
+    "prepared": lambda dirs: prepared(dirs["prepared"]),
+    "prepared+streamed": lambda dirs: prepared_and_streamed(dirs["prepared"]),
+    "split-files": lambda dirs: split(dirs["many"]),
+    "split-files+prepared": lambda dirs: split_and_prepared(dirs["prepared"], dirs["few"]),
 }
 
 
@@ -85,8 +108,38 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def config(name: str, directory: Path) -> DataConfig:
-    return CONFIGS[name](directory) if name.startswith("prepared") else CONFIGS[name]()
+def deal_lines(out: Path, files: int) -> list[list[str]]:
+    """PROSE's non-empty lines dealt round robin to ``files`` files in ``out``; returns
+    each file's lines (= its documents)."""
+    lines = [line for name in PROSE for line in Path(name).read_text().splitlines()]
+    lines = [line for line in lines if line.strip()]
+    dealt = [lines[i::files] for i in range(files)]
+    for i, part in enumerate(dealt):
+        (out / f"part_{i:03d}.txt").write_text("".join(f"{line}\n" for line in part))
+    return dealt
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("many_files")
+    deal_lines(out, MANY_FILES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def few_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("few_files")
+    deal_lines(out, FEW_FILES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dirs(prepared_dir: Path, many_files: Path, few_files: Path) -> dict[str, Path]:
+    return {"prepared": prepared_dir, "many": many_files, "few": few_files}
+
+
+def config(name: str, dirs: dict[str, Path]) -> DataConfig:
+    return CONFIGS[name](dirs)
 
 
 def ranks(cfg: DataConfig, dp: int, tokenizer=None) -> list[PretrainLoader]:
@@ -138,8 +191,8 @@ def test_prepared_tokens_read_per_rank_fall_as_one_over_dp(dp: int, prepared_dir
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_global_batches_do_not_depend_on_dp(name: str, prepared_dir: Path) -> None:
-    cfg = config(name, prepared_dir)
+def test_global_batches_do_not_depend_on_dp(name: str, dirs: dict[str, Path]) -> None:
+    cfg = config(name, dirs)
     reference = global_batches(ranks(cfg, 1), 12)
     assert all(batch.shape == (BATCH, SEQ + 1) for batch in reference)
     assert len({tuple(row.tolist()) for batch in reference for row in batch}) == 12 * BATCH
@@ -148,8 +201,8 @@ def test_global_batches_do_not_depend_on_dp(name: str, prepared_dir: Path) -> No
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_resume_on_two_ranks_from_four(name: str, prepared_dir: Path) -> None:
-    cfg = config(name, prepared_dir)
+def test_resume_on_two_ranks_from_four(name: str, dirs: dict[str, Path]) -> None:
+    cfg = config(name, dirs)
     expected = global_batches(ranks(cfg, 1), 14)[7:]
     four = ranks(cfg, 4)
     global_batches(four, 7)
@@ -171,6 +224,150 @@ def test_a_rank_needs_its_lanes_in_the_state() -> None:
         ranks(cfg, 4)[1].load_state_dict(partial)
     with pytest.raises(ValueError, match=r"16 lanes .* this run has 8"):
         PretrainLoader(cfg, ByteTokenizer(), SEQ, 8).load_state_dict(partial)
+
+
+# ------------------------------------------------- streamed sources split over the lanes by file
+
+
+@pytest.mark.parametrize("files", [MANY_FILES, 8])
+@pytest.mark.parametrize("dp", [2, 4, 8])
+def test_streamed_documents_scanned_per_rank_fall_as_one_over_dp(
+    dp: int, files: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raw documents a rank reads from a many-file streamed source (its lanes' and the ones
+    it skips), against one rank building the whole batch: 1/DP within 15% when the source is
+    split by file. Counted where the readers get their documents (``documents``), so the
+    count does not trust the loader's own bookkeeping. (8 files: two lanes share a file.)"""
+    deal_lines(tmp_path, files)
+    cfg = split(tmp_path)
+    scanned = [0]
+
+    def counting(src: SourceConfig, dataset):
+        for example in documents(src, dataset):
+            scanned[0] += 1
+            yield example
+
+    monkeypatch.setattr(data.lanes, "documents", counting)
+    steps = 100  # ~1,300 documents in all: enough that each rank's share is even
+
+    def scan(rank: int, size: int) -> int:
+        scanned[0] = 0
+        loader = PretrainLoader(cfg, ByteTokenizer(), SEQ, BATCH, dp_rank=rank, dp_size=size)
+        for _ in range(steps):
+            next(loader)
+        assert loader.documents_scanned == scanned[0]
+        return scanned[0]
+
+    whole = scan(0, 1)
+    for r in range(dp):
+        share = scan(r, dp) * dp / whole
+        assert 0.85 < share < 1.15, f"rank {r} of {dp} read {share:.2f}/DP of the documents"
+
+
+def test_a_rank_opens_only_its_lanes_files(many_files: Path, tmp_path: Path) -> None:
+    """24 files, 16 lanes: lane group ``i`` reads files ``block(24, 16, i)``, so rank 0 of 4
+    (lanes 0-3) reads files 0-7 only: the other files, made unreadable, are never opened."""
+    for f in sorted(many_files.glob("*.txt")):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    for i in range(8, MANY_FILES):
+        (tmp_path / f"part_{i:03d}.txt").write_bytes(b"\xff\xfe not UTF-8\n" * 100)
+
+    def rank(cfg: DataConfig, r: int) -> PretrainLoader:
+        return PretrainLoader(cfg, ByteTokenizer(), SEQ, BATCH, dp_rank=r, dp_size=4)
+
+    expected = global_batches([rank(split(many_files), 0)], 30)
+    assert all(map(torch.equal, global_batches([rank(split(tmp_path), 0)], 30), expected))
+    with pytest.raises(ValueError, match=r"part_008\.txt .* not valid UTF-8"):
+        global_batches([rank(split(tmp_path), 1)], 30)
+
+
+def test_split_source_holds_out_by_document_in_each_file(tmp_path: Path) -> None:
+    """Document ``d`` of each file is held out iff ``d % 20 == 19``: the validation samples
+    are those documents packed, and no lane's training stream holds one of them."""
+    dealt = deal_lines(tmp_path, FEW_FILES)
+    cfg = split(tmp_path)
+    k = round(1 / cfg.val_fraction)
+    held = [line for part in dealt for d, line in enumerate(part) if d % k == k - 1]
+    train = {line for part in dealt for d, line in enumerate(part) if d % k != k - 1}
+    eos = ByteTokenizer.eos_id
+    stream = [t for line in held for t in [*line.encode(), eos]]
+    expected = [stream[i * SEQ : (i + 1) * SEQ + 1] for i in range((len(stream) - 1) // SEQ)]
+    assert validation_samples(cfg, ByteTokenizer(), SEQ, 10**6).tolist() == expected
+    cfg.shuffle_buffer = 0  # each row is then its lane's token stream, cut in samples
+    # 100 steps: ~1,600 documents, more than the first file's 1,144 (in one global order,
+    # the hold-out rules would differ only after it).
+    rows = torch.stack(global_batches(ranks(cfg, 2), 100), dim=1).tolist()  # [lane][step]
+    documents: set[str] = set()
+    for samples in rows:
+        lane = samples[0] + [t for sample in samples[1:] for t in sample[1:]]
+        text = bytes(t if t != eos else ord("\n") for t in lane).decode(errors="replace")
+        documents.update(text.split("\n")[1:-1])  # whole documents only
+    assert len(documents) > 200 and documents <= train
+    assert not documents & (set(held) - train)  # (some lines occur more than once)
+
+
+def test_a_single_file_is_read_as_without_split_files() -> None:
+    def single(split_files: bool) -> DataConfig:
+        source = SourceConfig(path=PROSE[1], split_files=split_files)
+        return DataConfig(sources=[source], shuffle_buffer=32, seed=3)
+
+    reference = global_batches(ranks(single(False), 1), 10)
+    assert all(map(torch.equal, global_batches(ranks(single(True), 2), 10), reference))
+    assert torch.equal(
+        validation_samples(single(True), ByteTokenizer(), SEQ, 8),
+        validation_samples(single(False), ByteTokenizer(), SEQ, 8),
+    )
+
+
+def test_a_state_of_another_split_is_refused(many_files: Path) -> None:
+    """Turning split_files on or off, or adding files, changes the samples: refused."""
+    on = split(many_files)
+    off = split(many_files)
+    off.sources[0].split_files = False
+    loader = ranks(off, 1)[0]
+    global_batches([loader], 3)
+    saved = roundtrip(loader.state_dict())
+    with pytest.raises(ValueError, match=r"read in one order .* split by file over lane groups "
+                       r"\(24 files, 16 groups\).*set split_files: false"):  # fmt: skip
+        ranks(on, 1)[0].load_state_dict(saved)
+    # A state saved before split_files existed has no layouts: every source in one order.
+    old = {key: value for key, value in saved.items() if key != "layouts"}
+    resumed = ranks(off, 1)[0]
+    resumed.load_state_dict(old)
+    assert all(map(torch.equal, global_batches([resumed], 3), global_batches([loader], 3)))
+    with pytest.raises(ValueError, match=r"read in one order"):
+        ranks(on, 1)[0].load_state_dict(old)
+    second = ranks(on, 2)[1]  # a state with lanes 8-15
+    global_batches([second], 3)
+    saved = roundtrip(second.state_dict())
+    for cfg, message in [
+        (off, r"split by file .* read in one order .* split_files: true"),
+        (fewer(many_files), r"\(24 files, 16 groups\).*\(10 files, 10 groups\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ranks(cfg, 2)[1].load_state_dict(saved)
+
+
+def fewer(many_files: Path) -> DataConfig:
+    """``split(many_files)`` with a glob that finds 10 of its 24 files."""
+    cfg = split(many_files)
+    cfg.sources[0].path = str(many_files / "part_00*.txt")
+    return cfg
+
+
+def test_a_lane_group_without_documents_is_one_error(tmp_path: Path) -> None:
+    deal_lines(tmp_path, 4)
+    (tmp_path / "part_001.txt").write_text("  \n\n")  # lanes 4-7 read only this file
+    with pytest.raises(ValueError, match=r"no training documents in .*part_001\.txt "
+                       r"\(split_files: the only files of lanes 4-7\)"):  # fmt: skip
+        PretrainLoader(split(tmp_path), ByteTokenizer(), SEQ, BATCH, dp_rank=1, dp_size=4)
+
+
+def test_split_files_is_for_streamed_sources(prepared_dir: Path) -> None:
+    cfg = prepared(prepared_dir)
+    cfg.sources[0].split_files = True
+    with pytest.raises(ValueError, match="split_files is for streamed sources"):
+        ranks(cfg, 1)
 
 
 WORKER = """
