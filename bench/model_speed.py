@@ -11,7 +11,7 @@ training steps (forward, backward, AdamW at learning rate 0, so that the routing
 initialised: on random tokens a trained router soon skips every token), batch 1, fp32.
 
     python bench/model_speed.py                          # L = 1K .. 16K, ~6 min on 2 cores
-    python bench/model_speed.py --lengths 1024 8192 --threads 1
+    python bench/model_speed.py --threads 1 --clock cpu    # CPU seconds: steady under load
 """
 
 from __future__ import annotations
@@ -81,13 +81,14 @@ def worker(args: argparse.Namespace) -> None:
 
     for _ in range(args.warmup):
         step()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = []
     for _ in range(args.repeats):
         sync()
-        start = time.perf_counter()
+        start = clock()
         step()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     stats = step(collect_stats=args.arch.startswith("seqboat"))
     ratio = sum(float(s.activated.float().mean()) for s in stats) / len(stats) if stats else None
     params = sum(p.numel() for p in model.parameters())
@@ -96,7 +97,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure(args: argparse.Namespace, arch: str, length: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--arch", arch, "--length", str(length)]
-    for name in ("layers", "width", "zdim", "window", "vocab", "threads", "warmup", "repeats"):
+    for name in ("layers", "width", "zdim", "window", "vocab", "threads", "warmup", "repeats",
+                 "clock"):  # fmt: skip
         cmd += [f"--{name}", str(getattr(args, name))]
     cmd += ["--device", args.device]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -115,6 +117,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="cpu: the process's CPU time (with --threads 1, steady on a shared machine)",
+    )  # fmt: skip
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="seqboat", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, default=1024, help=argparse.SUPPRESS)
@@ -129,7 +135,8 @@ def main() -> None:
         f"{args.layers}-layer SeqBoat LM, D={args.width}, H={2 * args.width}, Z={args.zdim}, "
         f"window {args.window}, vocab {args.vocab}, against a Transformer LM of the same "
         f"parameter count;\nbatch 1, fp32, {args.device}, torch {torch.__version__}, "
-        f"{args.threads} threads; best of {args.repeats} training steps (fwd+bwd+AdamW)"
+        f"{args.threads} threads; best of {args.repeats} training steps (fwd+bwd+AdamW), "
+        f"{args.clock} clock"
     )
     print(
         f"{'':>6} | {'SeqBoat (router)':>20} | {'SeqBoat (always)':>16} | {'Transformer':>11} | "

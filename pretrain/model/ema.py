@@ -168,7 +168,7 @@ class DampedEMA(nn.Module):
         rows = _to_chunk_rows(x, k, pad)  # [C, n B, k]
         y = _causal_conv_rows(rows, _contract_states(c * b, within))
         if n == 1 and not final_state:
-            return _from_chunk_rows(y, batch, pad, length), None
+            return _from_chunk_rows(_contiguous_grad(y), batch, pad, length), None
         # Each chunk's own final state h = sum_s q^(k-1-s) p beta x_s: [C, n, B, N].
         own = torch.bmm(rows, within.flip(-1).transpose(1, 2)).view(channels, n, batch, -1) * (
             b.unsqueeze(1).unsqueeze(1)
@@ -185,7 +185,7 @@ class DampedEMA(nn.Module):
         if n > 1:
             weighted = torch.stack(entering, 1) * (c * q).unsqueeze(1).unsqueeze(1)
             y = y + _respond(weighted, within)
-        return _from_chunk_rows(y, batch, pad, length), final
+        return _from_chunk_rows(_contiguous_grad(y), batch, pad, length), final
 
     @_exact
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -257,12 +257,21 @@ def _causal_conv_rows(rows: Tensor, kernel: Tensor) -> Tensor:
     k = rows.shape[-1]
     if k > MATMUL_CONV_MAX:
         return _fft_conv_rows(rows, kernel)
-    kernel = F.pad(kernel, (0, k - kernel.shape[-1]))
-    steps = torch.arange(k, device=rows.device)
-    lag = steps.view(1, -1) - steps.view(-1, 1)  # [s, t] = t - s
-    # toeplitz[c, s, t] = kernel[c, t - s] for t >= s, else 0.
-    toeplitz = kernel[:, lag.clamp_min(0).flatten()].view(-1, k, k) * (lag >= 0).to(rows.dtype)
+    # toeplitz[c, s, t] = kernel[c, t - s] for t >= s, else 0: the windows of the kernel
+    # behind k - 1 zeros, the last window first (a view and one copy; its backward adds the
+    # windows back without a scatter).
+    padded = F.pad(kernel, (k - 1, k - kernel.shape[-1]))  # [C, 2k - 1]
+    toeplitz = padded.unfold(1, k, 1).flip(1)
     return torch.bmm(rows, toeplitz)
+
+
+def _contiguous_grad(rows: Tensor) -> Tensor:
+    """``rows``, whose gradient is made contiguous when it arrives: it comes through
+    _from_chunk_rows' permute, and one copy here spares each batched matmul that made
+    ``rows`` a copy per channel in its backward."""
+    if rows.requires_grad:
+        rows.register_hook(torch.Tensor.contiguous)
+    return rows
 
 
 def _fft_conv_rows(rows: Tensor, kernel: Tensor) -> Tensor:
