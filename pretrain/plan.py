@@ -8,35 +8,44 @@ and ranks every layout of the cluster that fits, with the reason each other one 
 Parameters are counted exactly: the model is built on the meta device and each parameter's
 tensor-parallel split (``parallel.layout``) and pipeline stage are read off it.
 
-Activations follow SeqBoat's own structure (``pretrain/model/layer.py``), per layer and
-micro-batch, with T = (L / cp) x micro-batch tokens on a rank, C = D / tp EMA channels,
-H / tp GAU value channels, and M the compressed length of a sequence:
+Activations follow SeqBoat's own structure (``pretrain/model/layer.py``): per layer and
+micro-batch, the tensors autograd saves for backward (read off the graph with
+``saved_tensors_hooks``, each storage once, parameters left out), with T = (L / cp) x
+micro-batch tokens on a rank, S = T (/ tp under sequence parallelism) residual tokens,
+C = D / tp EMA channels, H / tp GAU value channels, and M the compressed tokens:
 
-* the EMA (computed in fp32, fp64 in fp64 runs): ~6 T C for its inputs and chunked FFT
-  spectra, plus a part independent of the batch: the [C, N, k] powers and chunk kernels of
-  its k = ``model.ema_chunk`` tokens long chunks (~3 C N k);
-* the dense part on every token: EMA output and its silu, the projection input (T C each),
-  the gated GAU output (T D) and the residual (T D, / tp under sequence parallelism);
-* the GAU on the M activated tokens: its input (M D), projections, rotary and SDPA inputs
-  (~6.5 Z + 7 H / tp per token; PyTorch's CPU attention kernels keep less for some shapes,
-  so this is an upper bound there) and, on the path that builds score blocks (relu2,
-  learned positional biases, attention dropout), two [w, 2w] blocks per window;
+* the residual stream: the norm's input and the output silu's input (2 S D);
+* every token, channel-split: the EMA's input, its output, the projection's input (3 T C),
+  and the gated GAU output (T D, ``routing=sparse``);
+* inside the EMA (fp32, fp64 in fp64 runs), chunks of k = ``model.ema_chunk`` tokens: the
+  input as chunk rows (T C), the [C, N, k] powers (twice), the states entering the chunks
+  (3 x T C N / k) and the convolution's [C, k, k] Toeplitz matrix (k <= 128; above it the
+  rows' spectra, ~2 T C);
+* the GAU on the M activated tokens: its input (M D), 5 Z (+ 2 Z for RoPE's cos/sin) and
+  7 H / tp per token (r's and v's silu inputs, the attention output and r, their product,
+  the value windows twice), and the attention's own [w, 2w] block per window (2 w per
+  token): on a CPU the math path's probabilities, on a GPU the additive mask the
+  memory-efficient kernel is given (plus its logsumexp, one float per query); on the path
+  that builds score blocks (relu2, learned positional biases, attention dropout), two.
   M = ratio x L / cp (+ the halo of w tokens under context parallelism), where ``ratio``
   is the fraction of tokens activated in the most activated sequence of a micro-batch.
   It is an input: 1.0 by default (every token; the upper bound, and the routing of a
   ``model.routing=always`` model); a trained SeqBoat model activates far fewer;
 * dropout masks (one byte per element) where dropout is on, and the FFN if there is one.
 
-Recompute keeps: ``gau``: everything but the GAU's part and the gated output, plus, during
-a layer's backward, that layer's GAU part again; ``layer``: the layer's input only, plus,
-during backward, one layer's activations again. The backward of a layer needs a workspace
-of about one layer's activations (``WORKSPACE``: the value that matches the one-process
-``recompute=none`` measurement of tests/test_plan.py; the other configurations there show
-how far it carries). Under
-1F1B the first pipeline stage holds ``pipeline`` micro-batches of its layers (interleaved:
-``1 + (pp - 1) / (pp x vp)`` times the model's layers), the last stage the logits and
-loss. On CPU (the test's measurement), DeepSpeed's gradient bucket counts only as far as
-gradients are written into it (untouched pages are not resident); on a GPU it counts whole.
+The peak is at the start of the last micro-batch's backward, or inside a layer's backward:
+every held layer's kept tensors plus the larger of two transients that never coexist (the
+layers' saved tensors are freed as their backward runs): the loss's (logits, log-softmax
+and their gradients) and a layer's backward (what its recompute made again: ``gau`` the
+GAU's part, ``layer`` the whole layer; plus the gradient of its value windows, 2 M H / tp).
+Gradients of earlier micro-batches, weights and optimizer state are held throughout.
+Buffers written only during the backward (parallel/grads.py's overlapped reduction; on a
+CPU DeepSpeed's bucket, whose fresh pages become resident only as gradients are copied
+in) fill as activations are freed, so they compete with the activations through the
+maximum; on a GPU DeepSpeed's bucket is allocated whole before the backward. Under 1F1B
+the first pipeline stage holds ``pipeline`` micro-batches of its layers (interleaved:
+``1 + (pp - 1) / (pp x vp)`` times the model's layers), the last stage the logits and loss.
+tests/test_plan.py checks the estimate against the measured peak of seven CPU runs.
 """
 
 from __future__ import annotations
@@ -50,9 +59,6 @@ import torch
 from pretrain.config import Config, ConfigError, micro_batches_per_step, validate
 
 RECOMPUTE_MODES = ("none", "gau", "layer")
-# Workspace of one layer's backward, as a fraction of that layer's activations (the
-# gradients of its saved tensors exist while it runs). Fitted on CPU (tests/test_plan.py).
-WORKSPACE = 1.0
 # Bytes that are not the model's: allocator slack, kernel workspaces, collectives' scratch.
 SLACK = 0.05
 
@@ -225,13 +231,18 @@ class Estimate:
     gradients: float
     optimizer: float
     activations: float
-    buffers: float
+    buffers: float  # allocated before the backward: they add to the activations' peak
+    # Written during the backward, as gradients become final: by then the layers that
+    # produced them have freed their activations, so these compete with the activations'
+    # peak (at the start of the backward) through the maximum.
+    backward_buffers: float = 0.0
 
     @property
     def total(self) -> float:
         return (1 + SLACK) * (
-            self.weights + self.gradients + self.optimizer + self.activations + self.buffers
-        )
+            self.weights + self.gradients + self.optimizer
+            + max(self.activations, self.backward_buffers) + self.buffers
+        )  # fmt: skip
 
 
 def _dtype_bytes(cfg: Config) -> tuple[int, int, int]:
@@ -245,33 +256,63 @@ def _dtype_bytes(cfg: Config) -> tuple[int, int, int]:
 def layer_activation_bytes(
     cfg: Config, layout: Layout, ratio: float, mode: str, device: str
 ) -> float:
-    """Bytes one layer keeps for backward for one micro-batch on one rank, in ``mode``."""
+    """Bytes one layer keeps for backward for one micro-batch on one rank, in ``mode``.
+
+    The terms are the tensors autograd saves in ``pretrain/model/layer.py`` (read off the
+    graph with ``saved_tensors_hooks``, storages counted once, parameters left out)."""
     m, t = cfg.model, cfg.train
     _, act, ema_b = _dtype_bytes(cfg)
     tp, cp = layout.tp, layout.cp
     length = t.seq_length // cp
-    tokens = length * t.micro_batch_size
+    batch = t.micro_batch_size
+    tokens = length * batch
     seq_tokens = tokens // tp if layout.sp else tokens  # the residual stream's tokens
     width, channels = m.width, m.width // tp
     layer_input = seq_tokens * width * act
     if mode == "layer":
         return layer_input
+    # The residual stream: the norm's input and the output silu's input.
+    residual = 2 * seq_tokens * width * act
+    # Channel-split, every token: the EMA's input, its output (silu input), the projection's
+    # input.
+    dense = 3 * tokens * channels * act
+    # Inside the EMA (its compute dtype): the input as chunk rows, the [C, N, k] powers twice,
+    # the states entering each chunk (3 x [C, n B, N]) and the chunk convolution: the
+    # [C, k, k] Toeplitz matrix up to MATMUL_CONV_MAX, above it the rows' spectra.
+    from pretrain.model.ema import MATMUL_CONV_MAX
+
     chunk = m.ema_chunk if 0 < m.ema_chunk < length else length
-    ema = ema_b * (6 * tokens * channels + 3 * channels * m.ndim * chunk
-                   + (4 + t.micro_batch_size) * channels * chunk)  # fmt: skip
-    dense = act * (2 * tokens * channels + seq_tokens * width)
+    n_chunks = -(-length // chunk)
+    conv = channels * chunk * chunk if chunk <= MATMUL_CONV_MAX else 2 * tokens * channels
+    ema = ema_b * (tokens * channels + conv + 2 * channels * m.ndim * chunk
+                   + 3 * channels * n_chunks * batch * m.ndim)  # fmt: skip
     gau = 0.0
     if m.routing != "never":
         if m.routing == "sparse":
-            dense += act * tokens * width  # the gated output
-        compressed = (min(1.0, ratio) * length + (m.window if cp > 1 else 0)) * t.micro_batch_size
+            dense += tokens * width * act  # the GAU output the gate multiplies
+        per_seq = min(1.0, ratio) * length + (m.window if cp > 1 else 0)
+        compressed = per_seq * batch
         hidden = m.hdim // tp
-        # The fused attention kernel keeps no [w, 2w] score block per window; the path that
-        # builds them (relu2, learned positional biases, attention dropout) keeps two.
+        # Per activated token: the projections' input (D); z's silu input, z x scale, the
+        # query windows, the key windows (x 2: each holds the block before it) and, with
+        # RoPE, cos and sin of q and k (Z / 2 each); r's and v's silu inputs, attention
+        # output and r (the product's inputs), the product (out_proj's input) and the value
+        # windows (x 2).
+        z_terms = 5 + (2 if m.position == "rotary" else 0)
+        gau = compressed * act * (width + z_terms * m.zdim + 7 * hidden)
         fused = (m.attention_fn == "softmax" and m.position in ("rotary", "none")
                  and m.attention_dropout == 0)  # fmt: skip
-        scores = 0 if fused else 2 * 2 * m.window * act
-        gau = compressed * (act * (width + 6.5 * m.zdim + 7 * hidden) + scores)
+        if not fused:  # relu2 / positional biases / attention dropout: two [w, 2w] blocks
+            gau += compressed * 2 * 2 * m.window * act
+        else:
+            # One [w, 2w] block per window either way, for different reasons (device-
+            # dependent): PyTorch's CPU SDPA runs the math path for the GAU's H != Z and
+            # keeps the attention probabilities; CUDA's memory-efficient kernel keeps the
+            # additive mask SDPA builds from our boolean one (its ``attn_bias`` input), plus
+            # the logsumexp of each query (fp32).
+            gau += compressed * 2 * m.window * act
+            if device == "cuda":
+                gau += compressed * 4
         if m.hidden_dropout > 0:
             gau += compressed * hidden
         if m.attention_dropout > 0:
@@ -284,7 +325,19 @@ def layer_activation_bytes(
         gau = 0.0
         if m.routing == "sparse":
             dense -= act * tokens * width
-    return layer_input + ema + dense + gau + masks + ffn
+    return residual + dense + ema + gau + masks + ffn
+
+
+def backward_workspace(cfg: Config, layout: Layout, ratio: float) -> float:
+    """Bytes a layer's backward holds beside the saved tensors it has not freed yet: the
+    gradient of its largest tensor, the value windows ([I, 2w, H / tp], 2 per activated
+    token)."""
+    m, t = cfg.model, cfg.train
+    _, act, _ = _dtype_bytes(cfg)
+    if m.routing == "never":
+        return 2 * t.seq_length // layout.cp * t.micro_batch_size * m.width * act
+    per_seq = min(1.0, ratio) * t.seq_length // layout.cp + (m.window if layout.cp > 1 else 0)
+    return 2 * per_seq * t.micro_batch_size * m.hdim // layout.tp * act
 
 
 def estimate(cfg: Config, layout: Layout, ratio: float = 1.0, device: str = "cuda") -> Estimate:
@@ -333,34 +386,45 @@ def estimate(cfg: Config, layout: Layout, ratio: float = 1.0, device: str = "cud
     tokens = t.seq_length // layout.cp * t.micro_batch_size
     seq_tokens = tokens // tp if layout.sp else tokens
     vocab = params.embedding / m.width / tp
-    logits = tokens * vocab * (4 + 4 + (4 if act == 2 else 0)) + 2 * seq_tokens * m.width * act
-    # During a layer's backward its recomputed part exists again (gau: the GAU's only).
-    recomputed = none_layer - kept_layer if layout.recompute == "gau" else 0.0
-    if layout.recompute == "layer":
-        recomputed = none_layer
-    workspace = WORKSPACE * none_layer
-    activations_first = held_layers * kept_layer + recomputed + workspace
-    activations_last = per_chunk * layout.vp * kept_layer + recomputed + workspace + logits
-    activations = activations_first if pp == 1 else max(activations_first, activations_last)
+    # At the start of the loss's backward: the logits, the log-softmax kept by the loss,
+    # the gradient of the log-softmax and of the logits (fp32; under bf16 autocast also the
+    # bf16 logits), and the final norm's input and output.
+    logits = tokens * vocab * (4 * 4 + (2 if act == 2 else 0)) + 2 * seq_tokens * m.width * act
+    # During a layer's backward: what its recompute made again (gau: the GAU's part;
+    # layer: the whole layer) and the backward's own workspace. The layers' saved tensors
+    # are freed as their backward runs, so the loss's transient (logits) and a layer's
+    # never coexist.
+    recomputed = none_layer - kept_layer
+    layer_transient = recomputed + backward_workspace(cfg, layout, ratio)
+    activations_first = held_layers * kept_layer + layer_transient
+    activations_last = per_chunk * layout.vp * kept_layer + max(logits, layer_transient)
     if pp == 1:
-        activations += logits
-
-    buffers = 0.0
-    if zero in (1, 2):
-        bucket = GPU_BUCKET if device == "cuda" else CPU_BUCKET
-        resident = bucket if device == "cuda" else min(bucket, local)
-        overlap = 2 if (device == "cuda" and zero == 2) else 1
-        buffers += resident * 4 * overlap
-    elif zero == 0 and dp * layout.cp > 1 and pp == 1 and cfg.parallel.overlap_grad_reduce:
-        buffers += 2 * min(cfg.parallel.grad_bucket_mb * 2**20, local * master)
-    if pp > 1:
-        buffers += 2 * seq_tokens * m.width * master  # p2p send and receive
+        activations = layers * kept_layer + max(logits, layer_transient)
+    else:
+        activations = max(activations_first, activations_last)
     # The optimizer step runs after the activations are freed: its temporaries (one
     # parameter-sized buffer for the foreach update) compete with the activations only
     # through the maximum.
     step_temporaries = local * master if zero == 0 else local * 4 / dp
     activations = max(activations, step_temporaries)
-    return Estimate(layout, weights, gradients, optimizer, activations, buffers)
+
+    buffers = backward_buffers = 0.0
+    if zero in (1, 2):
+        # DeepSpeed allocates its gradient bucket(s) at the start of each backward
+        # (``setup_buckets``). On a GPU the allocation counts whole from then on; on a CPU
+        # (device-dependent) a fresh allocation's pages become resident only as gradients
+        # are copied into it, i.e. as the layers that produce them free their activations.
+        if device == "cuda":
+            buffers += GPU_BUCKET * 4 * (2 if zero == 2 else 1)
+        else:
+            backward_buffers += min(CPU_BUCKET, local) * 4
+    elif zero == 0 and dp * layout.cp > 1 and pp == 1 and cfg.parallel.overlap_grad_reduce:
+        # parallel/grads.py OverlappedGradReduce: a bucket is flattened and sent once its
+        # gradients are final, during the last backward: two in flight at most.
+        backward_buffers += 2 * min(cfg.parallel.grad_bucket_mb * 2**20, local * master)
+    if pp > 1:
+        buffers += 2 * seq_tokens * m.width * master  # p2p send and receive
+    return Estimate(layout, weights, gradients, optimizer, activations, buffers, backward_buffers)
 
 
 # --------------------------------------------------------------------------- the search
@@ -453,6 +517,7 @@ def format_estimate(e: Estimate, limit: int) -> str:
     rows = [
         ("weights", e.weights), ("gradients", e.gradients), ("optimizer state", e.optimizer),
         ("activations", e.activations), ("communication buffers", e.buffers),
+        ("buffers during backward", e.backward_buffers),
         (f"slack ({SLACK:.0%})", e.total / (1 + SLACK) * SLACK),
     ]  # fmt: skip
     lines = [f"layout {e.layout.name()} (per rank, GiB):"]
