@@ -7,11 +7,14 @@ dist_checkpointing, the per-rank file, checksums, publication) and ``restore`` (
 verification, the sharded load into the model and optimizer); the slowest rank's time is
 reported. Beside the synchronous save, the same save with ``checkpoint.async``: the time
 training is blocked (staging: host copies of the tensors, megatron's small files) and the
-time until the background writer has published it. Bytes per rank: the files a rank wrote
-(its shard file and its ``rank_XXXXX.pt``; rank 0 also the shared metadata).
+time until the background writer has published it; ``--profile`` adds the parts of the
+blocked time (``Checkpointer.timings``). Bytes per rank: the files a rank wrote (its shard
+file and its ``rank_XXXXX.pt``; rank 0 also the shared metadata). With 1 rank, also one
+process without a process group ("no group": ``seqboat train`` on one process), where
+megatron-core's steps that ask for the rank run at the step, in a temporary one-rank group.
 
     python bench/checkpoint_io.py               # tiny + big, 1 and 2 ranks, ~2-3 min on 2 cores
-    python bench/checkpoint_io.py --world 1 2 4 --shapes tiny 125m --repeats 1
+    python bench/checkpoint_io.py --world 1 2 4 --shapes tiny 125m --repeats 3 --profile
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ SHAPES = {
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2)]}  # world -> (tp, dp)
 
 
-def build(shape: str, tp_size: int):
+def build(shape: str, tp_size: int, grouped: bool = True):
     """(model, its synchronous and its background Checkpointer) on this rank, Adam state
-    filled."""
+    filled; ``grouped=False``: one process without a process group (``seqboat train`` on
+    one process)."""
     import torch
     from megatron.core import parallel_state
 
@@ -49,8 +53,9 @@ def build(shape: str, tp_size: int):
     from pretrain.config import load_config
 
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
-    dims = ParallelDims.from_parallel_state()
+    if grouped:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    dims = ParallelDims.from_parallel_state() if grouped else ParallelDims.single()
     cfg = load_config(None, [])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **SHAPES[shape]))
     torch.manual_seed(0)
@@ -63,25 +68,27 @@ def build(shape: str, tp_size: int):
     return model, Checkpointer(model, optimizer, dims), background
 
 
-def measure(shape: str, tp_size: int, repeats: int, root: Path) -> dict:
+def measure(shape: str, tp_size: int, repeats: int, root: Path, grouped: bool = True) -> dict:
     import torch.distributed as dist
 
-    model, checkpointer, background = build(shape, tp_size)
-    run_dir = root / f"{shape}-tp{tp_size}-w{dist.get_world_size()}"
-    saves, loads, blocked, published = [], [], [], []
+    model, checkpointer, background = build(shape, tp_size, grouped)
+    world = dist.get_world_size() if grouped else 0
+    run_dir = root / f"{shape}-tp{tp_size}-w{world}"
+    saves, loads, blocked, published, parts = [], [], [], [], []
     for step in range(1, repeats + 1):
-        dist.barrier()
+        barrier()
         start = time.perf_counter()
         checkpointer.save(run_dir, 2 * step - 1, {}, keep_last=1)  # steps in order: see _prune
         saves.append(slowest(time.perf_counter() - start))
-        dist.barrier()
+        barrier()
         start = time.perf_counter()
         checkpointer.restore(run_dir)
         loads.append(slowest(time.perf_counter() - start))
-        dist.barrier()
+        barrier()
         start = time.perf_counter()
         background.save(run_dir, 2 * step, {}, keep_last=1)
         blocked.append(slowest(time.perf_counter() - start))
+        parts.append({k: slowest(v) for k, v in background.timings.items()})
         background.wait()
         published.append(slowest(time.perf_counter() - start))
     background.close()
@@ -90,13 +97,23 @@ def measure(shape: str, tp_size: int, repeats: int, root: Path) -> dict:
     return {
         "save_s": min(saves), "load_s": min(loads), "bytes": owned_bytes(ckpt),
         "local_params": params, "blocked_s": min(blocked), "published_s": min(published),
+        "parts": parts[blocked.index(min(blocked))],  # of the least blocked async save
     }  # fmt: skip
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def slowest(seconds: float) -> float:
     import torch
     import torch.distributed as dist
 
+    if not dist.is_initialized():
+        return seconds
     t = torch.tensor([seconds])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
@@ -106,7 +123,7 @@ def owned_bytes(ckpt: Path) -> list[int]:
     """Bytes of the files each rank wrote (unowned files count for rank 0)."""
     import torch.distributed as dist
 
-    out = [0] * dist.get_world_size()
+    out = [0] * (dist.get_world_size() if dist.is_initialized() else 1)
     for path in ckpt.rglob("*"):
         if path.is_file():
             match = re.search(r"rank_(\d+)\.pt$|__(\d+)_\d+\.distcp$", path.name)
@@ -125,7 +142,15 @@ def worker(rank: int, world: int, repeats: int, root: str, shapes: list[str]) ->
                 result = measure(shape, tp_size, repeats, Path(root))
                 layout = {"world": world, "tp": tp_size, "dp": dp_size}
                 results.append({"shape": shape, **layout, **result})
+    if world == 1:  # and as one process without a process group, like `seqboat train`
+        for shape in shapes:
+            result = measure(shape, 1, repeats, Path(root), grouped=False)
+            results.append({"shape": shape, "world": 1, "tp": 0, "dp": 0, **result})
     return results
+
+
+def layout_name(row: dict) -> str:
+    return f"TP{row['tp']}xDP{row['dp']}" if row["tp"] else "no group"
 
 
 def main() -> None:
@@ -135,6 +160,9 @@ def main() -> None:
     parser.add_argument("--world", type=int, nargs="+", default=[1, 2], choices=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=3, help="best of N save+load")
     parser.add_argument("--shapes", nargs="+", default=["tiny", "big"], choices=list(SHAPES))
+    parser.add_argument(
+        "--profile", action="store_true", help="also the parts of the async blocked time"
+    )
     args = parser.parse_args()
     print(f"fp32 model + AdamW state, CPU/gloo, best of {args.repeats}; slowest rank's time")
     print("async blocked: training blocked by a checkpoint.async save; published: until the")
@@ -152,13 +180,33 @@ def main() -> None:
             rows.extend(run_ranks(worker, world, args.repeats, root, args.shapes, timeout=3600)[0])
     for r in sorted(rows, key=lambda r: (list(SHAPES).index(r["shape"]), r["world"])):
         per_rank = " ".join(f"{b / 2**20:.2f}" for b in r["bytes"])
-        layout = f"TP{r['tp']}xDP{r['dp']}"
+        layout = layout_name(r)
         print(
             f"{r['shape']:>5} | {r['world']:>5} | {layout:>9} | "
             f"{r['local_params'] / 1e6:>10.2f}M | {r['save_s']:>7.3f} | {r['load_s']:>7.3f} | "
             f"{r['blocked_s']:>15.3f} | {r['blocked_s'] / r['save_s']:>5.2f} | "
             f"{r['published_s']:>11.3f} | {per_rank:>24} | {sum(r['bytes']) / 2**20:>9.2f}"
         )
+    if args.profile:
+        print_parts(rows)
+
+
+def print_parts(rows: list[dict]) -> None:
+    """The parts of the least blocked async save, in ms (slowest rank per part, so they
+    need not add up to the total): Checkpointer.timings."""
+    print("\nasync blocked time by part, ms (slowest rank each; Checkpointer.timings)")
+    keys = list(dict.fromkeys(k for r in rows for k in r["parts"]))
+    header = f"{'shape':>5} | {'ranks':>5} | {'layout':>9} | " + " | ".join(
+        f"{k:>13}" for k in keys
+    )
+    print(header)
+    print("-" * len(header))
+    for r in sorted(rows, key=lambda r: (list(SHAPES).index(r["shape"]), r["world"])):
+        cells = " | ".join(
+            f"{r['parts'][k] * 1e3:>13.1f}" if k in r["parts"] else f"{'-':>13}" for k in keys
+        )
+        layout = layout_name(r)
+        print(f"{r['shape']:>5} | {r['world']:>5} | {layout:>9} | {cells}")
 
 
 if __name__ == "__main__":

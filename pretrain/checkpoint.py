@@ -22,9 +22,14 @@ reported by name; loading then falls back to the previous complete checkpoint.
 Test hook: ``SEQBOAT_CHECKPOINT_PAUSE=<step>:<path>`` makes the save of that step stop
 after this rank's files are written, create ``<path>.rank<N>`` (holding its pid), and wait
 until ``<path>`` exists -- a deterministic moment to kill a rank in the middle of a save.
-``SEQBOAT_CHECKPOINT_WRITE_PAUSE`` does the same before the rank writes anything but the
-small staged files (for the background writer of ``checkpoint.async``: training goes on
-meanwhile).
+``SEQBOAT_CHECKPOINT_WRITE_PAUSE`` does the same when ``write_checkpoint`` starts, before
+the rank writes anything but the files of the staging (rank 0's ``common.pt``, ZeRO's): for
+the background writer of ``checkpoint.async``, training goes on meanwhile.
+
+A save is staged at the step (``stage_checkpoint``: what must be taken then, and no
+collective) and written by ``write_checkpoint`` (the rest, collective over the group it is
+given), at once or by a background thread. megatron-core's check of the sharding runs on
+the first save and when the sharding changed (``ShardingCheck``), not on every save.
 
 Over 400 lines on purpose: the format's guarantees (write order, fsyncs, checksums,
 publication, fallback on load) hold only together, and are reviewed together here.
@@ -34,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import io
 import json
@@ -101,15 +105,48 @@ def save_checkpoint(
 
 @dataclass
 class StagedCheckpoint:
-    """A checkpoint whose small files are written and whose tensors and rank file wait in
-    memory (``write_checkpoint`` writes and publishes it)."""
+    """A checkpoint staged by ``stage_checkpoint``: its folder made, its tensors and rank file
+    waiting in memory for ``write_checkpoint`` to write and publish."""
 
     run_dir: Path
     step: int
     keep_last: int
     layout: dict[str, int]
     rank_file: bytes  # this rank's ``torch.save``d state
-    shards: Callable[[dist.ProcessGroup | None], None] | None  # writes this rank's shards
+    sharded: dict[str, Any] | None  # this rank's sharded tensors (megatron-core's) to write
+    shards: dict[str, Any] | None  # or, staged without a process group, in torch DCP's form
+    check: ShardingCheck
+    timings: dict[str, float]  # seconds of each part of the staging (profiling)
+
+
+class ShardingCheck:
+    """megatron-core's check that a save's sharding is complete and without overlaps (each
+    piece of every tensor written exactly once, by a main replica: its
+    ``validate_sharding_integrity``), run only when the sharding differs from the one checked
+    last: on the first save of a run and after a change of split, shapes or keys.
+
+    The sharding is every rank's sharded-tensor metadata (keys, shapes, offsets, replica ids,
+    dtypes, no data); rank 0 keeps the one it checked and decides alone, so the ranks cannot
+    disagree on whether to check. Checked on every save, the all-gather and the check were
+    most of the time a ``checkpoint.async`` save held training (bench/RESULTS.md)."""
+
+    def __init__(self) -> None:
+        self.checked: list[list[Any]] | None = None
+        self.runs = 0  # how many times the check ran (rank 0)
+
+    def __call__(self, sharding: list[list[Any]]) -> None:
+        """Rank 0 (inside a process group): checks ``sharding`` (every rank's, in rank
+        order) unless it equals the one checked last; raises CheckpointError if invalid."""
+        from megatron.core.dist_checkpointing.validation import validate_sharding_integrity
+
+        if sharding == self.checked:
+            return
+        self.runs += 1
+        try:
+            validate_sharding_integrity(sharding)
+        except Exception as e:  # megatron raises CheckpointingException or asserts
+            raise CheckpointError(f"invalid sharding: {e!r}") from None
+        self.checked = sharding
 
 
 def stage_checkpoint(
@@ -121,30 +158,45 @@ def stage_checkpoint(
     sharded: dict[str, Any] | None = None,
     extra: Callable[[Path], None] | None = None,
     host_buffers: dict[Any, torch.Tensor] | None = None,
+    check: ShardingCheck | None = None,
 ) -> StagedCheckpoint:
-    """The part of a save that must happen at the step (collective on the default group):
-    the ``step_X.tmp`` folder, megatron-core's small files, ``extra``'s files and this
-    rank's serialized state. With ``host_buffers`` the tensors are copied into host memory
-    (those buffers, kept from save to save), so training may change the originals while
-    ``write_checkpoint`` runs in the background."""
+    """The part of a save that must happen at the step: rank 0 makes the ``step_X.tmp``
+    folder and writes megatron-core's ``common.pt``, every rank serializes its state, and
+    ``extra``'s files are written (collective then: every rank waits for the folder). With
+    ``host_buffers`` the tensors are copied into host memory (those buffers, kept from save
+    to save), so training may change the originals while ``write_checkpoint`` runs in the
+    background. Without ``extra`` no collective runs here: all that needs the other ranks
+    (the sharding check, torch DCP's plan of the shard files, the barriers) and all that
+    can wait is ``write_checkpoint``'s."""
+    timings: dict[str, float] = {}
     rank, world_size = _rank_and_world()
+    check = check if check is not None else ShardingCheck()
     tmp = _tmp_folder(run_dir, step)
-    if rank == 0:
-        if tmp.exists():  # left by a save that was killed
-            shutil.rmtree(tmp)
-        (tmp / SHARDED).mkdir(parents=True)
-    _barrier()
+    with _timed(timings, "folder"):
+        if rank == 0:
+            if tmp.exists():  # left by a save that was killed
+                shutil.rmtree(tmp)
+            (tmp / SHARDED).mkdir(parents=True)
+        if extra is not None:
+            _barrier()  # every rank writes into the folder now
     shards = None
     if sharded is not None:
         if host_buffers is not None:
-            sharded = _host_copy(sharded, host_buffers)
-        shards = _stage_sharded(sharded, tmp / SHARDED)
+            with _timed(timings, "host_copy"):
+                sharded = _host_copy(sharded, host_buffers)
+        with _timed(timings, "preprocess"):
+            sharded, shards = _stage_sharded(sharded, tmp / SHARDED, check)
     if extra is not None:
-        extra(tmp)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # serialized now: the caller's objects may change afterwards
+        with _timed(timings, "extra"):
+            extra(tmp)
+    with _timed(timings, "rank_file"):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # serialized now: the caller's objects may change afterwards
     layout = sizes or _data_parallel_only(world_size)
-    return StagedCheckpoint(Path(run_dir), step, keep_last, layout, buffer.getvalue(), shards)
+    return StagedCheckpoint(
+        Path(run_dir), step, keep_last, layout, buffer.getvalue(), sharded, shards, check,
+        timings,
+    )  # fmt: skip
 
 
 def write_checkpoint(staged: StagedCheckpoint, group: dist.ProcessGroup | None = None) -> Path:
@@ -156,8 +208,13 @@ def write_checkpoint(staged: StagedCheckpoint, group: dist.ProcessGroup | None =
     final = root / step_name(staged.step)
     tmp = _tmp_folder(staged.run_dir, staged.step)
     _pause_for_tests(staged.step, rank, WRITE_PAUSE_ENV)
-    if staged.shards is not None:
-        staged.shards(group)
+    _barrier(group)  # rank 0 made the folder (staging) before any rank writes into it
+    shards = staged.shards
+    if staged.sharded is not None:  # the process group's ranks check the sharding together
+        _check_sharding(staged.sharded, staged.check, tmp / SHARDED, group)
+        shards = _to_dcp(staged.sharded)
+    if shards is not None:
+        _write_shards(shards, tmp / SHARDED, group)
     path = tmp / rank_file(rank)
     with open(path, "wb") as f:
         f.write(staged.rank_file)
@@ -172,7 +229,7 @@ def write_checkpoint(staged: StagedCheckpoint, group: dist.ProcessGroup | None =
             "step": staged.step,
             "world_size": world_size,
             "layout": staged.layout,
-            "sharded": staged.shards is not None,
+            "sharded": shards is not None,
             "sha256": dict(sorted(checksums.items())),
         }
         _write_atomic(tmp / META, json.dumps(meta, indent=1))
@@ -192,27 +249,27 @@ def _tmp_folder(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / (step_name(step) + ".tmp")
 
 
-def _stage_sharded(
-    sharded: dict[str, Any], folder: Path
-) -> Callable[[dist.ProcessGroup | None], None]:
-    """megatron-core's ``dist_checkpointing.save`` with a strategy that keeps the tensors
-    to write: it checks the sharding and writes its small files (``common.pt``,
-    ``metadata.json``) now; the returned function writes the shards."""
-    from megatron.core import dist_checkpointing
-
-    strategy = _deferred_save()
-    with _process_group():
-        dist_checkpointing.save(sharded, str(folder), sharded_strategy=strategy)
-    return strategy.write
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _host_copy(sharded: dict[str, Any], buffers: dict[Any, torch.Tensor]) -> dict[str, Any]:
-    """``sharded`` with every tensor (and sharded object) copied to host memory: into
-    ``buffers`` (allocated on the first save, pinned for a GPU, and reused: a copy into
-    memory already touched is several times faster than a fresh clone), non-blocking from a
-    GPU. The caller must not reuse the buffers before the previous copy is written."""
+    """``sharded`` with every tensor (and sharded object) this rank writes copied to host
+    memory: into ``buffers`` (allocated on the first save, pinned for a GPU, and reused: a
+    copy into memory already touched is several times faster than a fresh clone),
+    non-blocking from a GPU. The copies other ranks write keep their metadata only (data
+    None). The caller must not reuse the buffers before the previous copy is written."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject,
+        ShardedTensor,
+        is_main_replica,
+    )
 
     on_gpu = False
 
@@ -225,12 +282,24 @@ def _host_copy(sharded: dict[str, Any], buffers: dict[Any, torch.Tensor]) -> dic
         on_gpu |= t.device.type != "cpu"
         return buffer.copy_(t.detach(), non_blocking=True)
 
+    def with_data(value: ShardedTensor | ShardedObject, data: Any) -> Any:
+        # A shallow copy, not ``dataclasses.replace``: that re-runs megatron's checks of the
+        # unchanged metadata, a third of the copy's time for small tensors.
+        out = copy.copy(value)
+        out.data = data
+        return out
+
     def copy_one(value: Any) -> Any:
+        if isinstance(value, ShardedTensor | ShardedObject) and not is_main_replica(
+            value.replica_id
+        ):
+            # Another copy (data/context-parallel) writes it: its data is never read, and
+            # copying it would multiply the copy by the number of copies.
+            return with_data(value, None)
         if isinstance(value, ShardedTensor):
-            name = (value.key, value.global_offset)
-            return dataclasses.replace(value, data=host(name, value.data))
+            return with_data(value, host((value.key, value.global_offset), value.data))
         if isinstance(value, ShardedObject):
-            return dataclasses.replace(value, data=copy.deepcopy(value.data))
+            return with_data(value, copy.deepcopy(value.data))
         return copy.deepcopy(value)
 
     out = dict_list_map_outplace(copy_one, sharded)
@@ -239,68 +308,93 @@ def _host_copy(sharded: dict[str, Any], buffers: dict[Any, torch.Tensor]) -> dic
     return out
 
 
-def _deferred_save_class() -> type:
-    """megatron-core's ``torch_dist`` format, written by the calling process when it calls
-    ``write`` (at once for a synchronous save, from a background thread for an asynchronous
-    one).
+# megatron-core's ``torch_dist`` format (its ``metadata.json``), written through torch DCP.
+_BACKEND, _BACKEND_VERSION = "torch_dist", 1
+
+
+def _stage_sharded(
+    sharded: dict[str, Any], folder: Path, check: ShardingCheck
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The first steps of megatron-core's ``dist_checkpointing.save``, with its functions:
+    the factories applied, the common (non-tensor) part split off and written to
+    ``common.pt`` by rank 0. Returns the sharded part, checked and converted by
+    ``write_checkpoint`` on the writer's group (megatron's ``save`` runs its collectives on
+    the default group, which a background thread must not use while training does, and
+    checks the sharding on every save); or, in a process without a process group, None and
+    the sharded part checked and converted here, where the temporary one-rank group that
+    megatron needs for the rank exists (a background thread must not create one while
+    training runs)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    temporary_group = not (dist.is_available() and dist.is_initialized())
+    with _process_group():
+        sharded_part, common = save_preprocess(sharded, validate_access_integrity=False)
+        get_default_save_common_strategy().save_common(common, folder)  # rank 0 only
+        if temporary_group:
+            _check_sharding(sharded_part, check, folder, None)
+            return None, _to_dcp(sharded_part)
+    return sharded_part, None
+
+
+def _check_sharding(
+    sharded: dict[str, Any], check: ShardingCheck, folder: Path, group: dist.ProcessGroup | None
+) -> None:
+    """megatron-core's check of the sharding (``ShardingCheck``: when it changed) of every
+    rank's ``sharded``, gathered over ``group``; raises on every rank if it fails, so that
+    none goes on into the writing collectives. Collective over ``group``."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    sharding = _gather([t.without_data() for t in nested_values(sharded)], group)
+    error = None
+    if _rank_and_world()[0] == 0:
+        try:
+            check(sharding)
+        except CheckpointError as e:
+            error = f"{folder}: {e}"
+    errors = [e for e in _gather(error, group) if e is not None]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def _to_dcp(sharded: dict[str, Any]) -> dict[str, Any]:
+    """The main replicas of ``sharded`` (replica id all zeros: the pieces this rank writes)
+    as torch DCP's state dict (megatron-core's conversion)."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, True)
+    return mcore_to_pyt_state_dict(flat, False)
+
+
+def _write_shards(shards: dict[str, Any], folder: Path, group: dist.ProcessGroup | None) -> None:
+    """This rank's shard file and megatron-core's ``metadata.json`` (rank 0): the rest of
+    its ``dist_checkpointing.save``. Collective over ``group``.
 
     megatron's own writer forks a writer process per save and reports through a spawned
     ``Manager`` process: that fails in daemonic processes, leaves orphans when a rank is
     killed, needs ``__main__`` guards and may die by a stop signal sent to the process
     group. PyTorch's ``FileSystemWriter`` writes the same files (``__<rank>_0.distcp``,
     ``.metadata``), fsynced, and megatron's default loader reads them."""
-    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
-    class DeferredSave(SaveShardedStrategy):
-        def __init__(self) -> None:
-            super().__init__("torch_dist", 1)
-            self.pending: tuple[dict[str, Any], Path] | None = None
-
-        def save(self, sharded_state_dict: dict[str, Any], checkpoint_dir: Path) -> None:
-            # Only main replicas (replica id all zeros) are written.
-            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
-            self.pending = (mcore_to_pyt_state_dict(flat, False), Path(checkpoint_dir))
-
-        def write(self, group: dist.ProcessGroup | None) -> None:
-            assert self.pending is not None, "write() before dist_checkpointing.save()"
-            state, folder = self.pending
-            self.pending = None
-            dcp_save(
-                state,
-                storage_writer=FileSystemWriter(
-                    folder, single_file_per_rank=True, sync_files=True, thread_count=1
-                ),
-                planner=MCoreSavePlanner(
-                    flatten_state_dict=False, can_run_decentralized_global_plan=False
-                ),
-                process_group=group,
-                no_dist=_rank_and_world()[1] == 1,
-            )
-
-        @property
-        def can_handle_sharded_objects(self) -> bool:
-            return True
-
-    return DeferredSave
-
-
-def _deferred_save() -> Any:
-    """A ``DeferredSave`` strategy (the class is built on first use: megatron imports
-    slowly)."""
-    global _DEFERRED_SAVE
-    if _DEFERRED_SAVE is None:
-        _DEFERRED_SAVE = _deferred_save_class()
-    return _DEFERRED_SAVE()
-
-
-_DEFERRED_SAVE: type | None = None
+    rank, world_size = _rank_and_world()
+    dcp_save(
+        shards,
+        storage_writer=FileSystemWriter(
+            folder, single_file_per_rank=True, sync_files=True, thread_count=1
+        ),
+        planner=MCoreSavePlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
+        process_group=group,
+        no_dist=world_size == 1,
+    )
+    if rank == 0:
+        save_config(CheckpointingConfig(_BACKEND, _BACKEND_VERSION), str(folder))
 
 
 @contextlib.contextmanager
@@ -378,7 +472,8 @@ def load_latest(
 ) -> tuple[dict[str, Any], Path] | None:
     """This rank's state in the newest checkpoint every rank can use, or None if none exists.
 
-    Starts from the ``latest`` pointer; a checkpoint with a file that fails its checksum or
+    Starts from the ``latest`` pointer (from the newest complete checkpoint, with a warning,
+    when the one it names is gone); a checkpoint with a file that fails its checksum or
     does not load is reported and the previous complete one is tried (all ranks agree on
     the choice). Collective when a process group is initialized. With a ``template``, the
     sharded tensors are loaded too (``state["sharded"]``), resharded to this run's split.
@@ -390,7 +485,14 @@ def load_latest(
     pointer = checkpoint_dir(run_dir) / LATEST
     if pointer.is_file():
         named = pointer.read_text().strip()
-        candidates = [p for p in candidates if p.name <= named]
+        if any(p.name == named for p in candidates):
+            candidates = [p for p in candidates if p.name <= named]
+        elif candidates and rank == 0:  # deleted by hand, or pruned (by name)
+            print(
+                f"seqboat: warning: {pointer} names {named}, which is not a complete "
+                f"checkpoint; using the newest complete one, {candidates[-1].name}",
+                file=sys.stderr,
+            )
     errors: list[str] = []
     for ckpt in reversed(candidates):
         state, error = None, None

@@ -39,6 +39,7 @@ from parallel.sharding import (
 from pretrain.background_save import BackgroundWriter
 from pretrain.checkpoint import (
     SHARDED,
+    ShardingCheck,
     complete_checkpoints,
     load_latest,
     load_rank_file,
@@ -108,6 +109,10 @@ class Checkpointer:
         # host copies of the tensors kept from save to save.
         self.writer = BackgroundWriter() if background else None
         self.host_buffers: dict[Any, torch.Tensor] = {}
+        # The sharding is checked on the first save and when it changes, not on every save.
+        self.sharding_check = ShardingCheck()
+        # Seconds of each part of the last save's blocking time (profiling: the bench).
+        self.timings: dict[str, float] = {}
 
     def place(self) -> Place:
         """This rank's place for the sharded tensors: its tensor-parallel shard, which data x
@@ -169,20 +174,28 @@ class Checkpointer:
             self.writer.join()  # one save in flight at a time
         elif background:
             raise ValueError("a background save needs Checkpointer(background=True)")
+        waited = time.perf_counter()
         zero = self.zero
         with zero.gathered() if zero is not None else contextlib.nullcontext():
             sharded = self.sharded_state_dict()  # whole parameters, also under ZeRO-3
+            record = self._optimizer_record()
+        collected = time.perf_counter()
         staged = stage_checkpoint(
-            run_dir, step, {**state, "optimizer": self._optimizer_record()}, keep_last,
-            self.dims.sizes(), sharded,
+            run_dir, step, {**state, "optimizer": record}, keep_last, self.dims.sizes(), sharded,
             None if zero is None else lambda folder: zero.save(folder / ZERO_DIR, ZERO_TAG),
-            self.host_buffers if background else None,
+            self.host_buffers if background else None, self.sharding_check,
         )  # fmt: skip
+        staged_at = time.perf_counter()
         if background:
             self.writer.submit(staged)
         else:
             write_checkpoint(staged)
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        self.timings = {
+            "wait_previous": waited - start, "state_dict": collected - waited, **staged.timings,
+            "write" if not background else "submit": end - staged_at, "total": end - start,
+        }  # fmt: skip
+        return end - start
 
     def wait(self) -> list[tuple[int, float]]:
         """Blocks until a background save in flight is published: (step, seconds its writing

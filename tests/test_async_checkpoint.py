@@ -2,11 +2,14 @@
 
 In-process (one rank): a save whose writer is held back while training runs three more
 steps still holds the state of the step it was taken at (resuming from it continues the
-synchronous run bit for bit); a stop request during an in-flight save waits for it, saves
-the step it stopped at, and stops. Under torchrun (DP 2): a rank SIGKILLed while its
-background writer runs leaves ``latest`` on the previous complete checkpoint, and the run
-resumes from there bit for bit. (The Slurm cluster test runs its preempted job with
-``checkpoint.async=true`` too: tests/test_slurm_cluster.py.)
+synchronous run bit for bit), and megatron-core's check of the sharding ran on its first
+save only (the sharding did not change), which a changed sharding triggers again; a stop
+request during an in-flight save waits for it, saves the step it stopped at, and stops.
+Under torchrun (DP 2): a rank SIGKILLed while its background writer runs leaves ``latest``
+on the previous complete checkpoint, and the run resumes from there bit for bit. (The Slurm
+cluster test runs its preempted job with ``checkpoint.async=true`` too:
+tests/test_slurm_cluster.py.) And a ``latest`` that names a deleted checkpoint falls back to
+the newest complete one.
 """
 
 from __future__ import annotations
@@ -20,13 +23,21 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing import ShardedTensor, state_dict_utils, validation
+from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
 from pretrain.checkpoint import (
     LATEST,
     PAUSE_ENV,
     WRITE_PAUSE_ENV,
+    CheckpointError,
+    ShardingCheck,
     complete_checkpoints,
     load_checkpoint,
+    load_latest,
+    save_checkpoint,
 )
 from pretrain.monitor import read_metrics
 from pretrain.train import Preempted, Trainer
@@ -52,14 +63,31 @@ def _point_latest_at(run_dir: Path, step: int) -> None:
     (ckpts / LATEST).write_text(f"step_{step:08d}\n")
 
 
+def _count_sharding_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the runs of megatron-core's sharding check (however it is reached)."""
+    calls: list[int] = []
+    original = validation.validate_sharding_integrity
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "validate_sharding_integrity", counted)
+    monkeypatch.setattr(state_dict_utils, "validate_sharding_integrity", counted)
+    return calls
+
+
 def test_a_background_save_holds_the_step_it_was_taken_at(
     synchronous: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The step-4 writer is held, before it writes any tensor, until step 7 has started:
     the published step-4 checkpoint still resumes into the synchronous run's steps 5..8, bit
-    for bit (the tensors were copied at step 4, not read while steps 5..7 changed them)."""
+    for bit (the tensors were copied at step 4, not read while steps 5..7 changed them).
+    The sharding is checked on the first save of each run only: the step-8 save, with the
+    same sharding, is not checked again and resumes all the same."""
     run_dir = tmp_path / "async"
     marker = tmp_path / "release"
+    checks = _count_sharding_checks(monkeypatch)
     monkeypatch.setenv(WRITE_PAUSE_ENV, f"4:{marker}")
     original = Trainer.train_step
     during: dict[str, object] = {}
@@ -77,7 +105,14 @@ def test_a_background_save_holds_the_step_it_was_taken_at(
     monkeypatch.delenv(WRITE_PAUSE_ENV)
     assert during == {"writer waiting": True, "published": []}  # step 4 was still in flight
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step_00000004", "step_00000008"]
+    assert len(checks) == 1  # saves at steps 4 and 8, one sharding
     assert train_losses(run_dir) == train_losses(synchronous)
+    # The step-8 save, not checked, holds the synchronous run's tensors.
+    ours, theirs = (
+        _plain_tensors(r / "checkpoints" / "step_00000008") for r in (run_dir, synchronous)
+    )
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     written = [r for r in read_metrics(run_dir / "metrics.jsonl") if "checkpoint/write_s" in r]
     # Every background save's writing time is logged once, however late it finished.
     assert [r["checkpoint/written_step"] for r in written] == [4, 8]
@@ -88,6 +123,35 @@ def test_a_background_save_holds_the_step_it_was_taken_at(
     assert resumed.step == 4
     resumed.train()
     assert train_losses(run_dir) == train_losses(synchronous)  # steps 5..8 again, the same
+    assert len(checks) == 3  # + the resumed run's: its load's (megatron's) and first save's
+
+
+def _plain_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole (megatron-core's reader)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return load_plain_tensors(str(ckpt / "model"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_sharding_is_checked_again_when_it_changes() -> None:
+    """``ShardingCheck`` runs megatron-core's check when the sharding differs from the one
+    it checked last (a tensor cut in two halves of which only one is saved: refused), and
+    not for the sharding it checked already."""
+    whole = [ShardedTensor.from_rank_offsets("w", torch.zeros(4, 2), replica_id=0)]
+    half = [ShardedTensor.from_rank_offsets("w", torch.zeros(2, 2), (0, 0, 2), replica_id=0)]
+    check = ShardingCheck()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:  # megatron-core's check asks for the rank
+        check([[t.without_data() for t in whole]])
+        check([[t.without_data() for t in whole]])
+        assert check.runs == 1
+        with pytest.raises(CheckpointError, match="invalid sharding"):
+            check([[t.without_data() for t in half]])
+        assert check.runs == 2
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_stop_during_a_background_save_saves_and_stops(
@@ -178,3 +242,18 @@ def test_a_rank_killed_while_its_writer_runs_keeps_latest_complete(tmp_path: Pat
     a, b = _losses(tmp_path / "straight"), _losses(run)
     assert list(a) == list(b) == list(range(1, 9))
     assert a == b  # bit for bit
+
+
+def test_latest_naming_a_deleted_checkpoint_falls_back_to_the_newest(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``latest`` names a checkpoint that is gone (pruning keeps the highest steps, so a run
+    resumed from further back can see its new save pruned; or deleted by hand): the newest
+    complete checkpoint loads, with a warning, instead of none (a restart from scratch)."""
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"x": torch.full((2,), float(step))})
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000001")
+    (tmp_path / "checkpoints" / LATEST).write_text("step_00000001\n")
+    state, path = load_latest(tmp_path)
+    assert path.name == "step_00000003" and state["x"][0] == 3
+    assert "names step_00000001, which is not a complete checkpoint" in capsys.readouterr().err
