@@ -5,9 +5,10 @@ Per channel c and state n (the SeqBoat paper, arXiv:2306.11197, after MEGA):
     y_t = (1/sqrt N) * sum_n eta * h_t + omega * x_t
 
 Three ways to compute the same thing, all on sequence-major [L, B, C] inputs:
-  * ``forward``         FFT convolution (training): within chunks of ``chunk`` tokens, with the
-                        states carried between chunks, so that the cost stays linear in L
-                        (O(L log chunk) rather than O(L log L)) and no [C, N, L] tensor exists;
+  * ``forward``         chunked convolution (training): within chunks of ``chunk`` tokens a
+                        matmul with the kernel's Toeplitz matrix (an FFT above
+                        MATMUL_CONV_MAX tokens), with the states carried between chunks, so
+                        that the cost stays linear in L and no [C, N, L] tensor exists;
   * ``scan_chunk``      the same plus the contribution of a carried-in state, and the state
                         after the chunk (context parallelism passes states between ranks);
   * ``step``            the recurrence for one token (decoding).
@@ -95,7 +96,7 @@ class DampedEMA(nn.Module):
         return _contract_states(c * b, _powers(q, torch.arange(length, device=q.device)))
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
-        # The FFT runs in float32 at least (bf16/fp16 FFTs lose the long tail of the kernel).
+        # float32 at least: bf16/fp16 lose the long tail of the kernel.
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     @_exact
@@ -152,9 +153,9 @@ class DampedEMA(nn.Module):
         return k, -(-length // k)
 
     def _zero_state_scan(self, x: Tensor, final_state: bool) -> tuple[Tensor, Tensor | None]:
-        """An FFT convolution within each chunk (all chunks at once), and each chunk's final
-        state decayed into the chunks after it: linear in L. Returns (y without omega's
-        skip, the final state [B, C, N] if ``final_state`` else None).
+        """A convolution within each chunk (all chunks at once: ``_causal_conv_rows``), and
+        each chunk's final state decayed into the chunks after it: linear in L. Returns (y
+        without omega's skip, the final state [B, C, N] if ``final_state`` else None).
 
         The work runs channel-major, [C, chunks x B, k], so that every product is one batched
         matmul over contiguous rows; the sequence is zero-padded at the front to whole chunks
