@@ -1,8 +1,8 @@
 """``seqboat plan``: the per-rank estimate against measured peak memory, and bad input.
 
 Each configuration runs two training steps (the real step: ``train_step_for``, with the
-optimizer or DeepSpeed's ZeRO engine) in spawned gloo processes (one spawn per world size,
-the configurations one after the other in it); each rank measures its resident memory's
+optimizer or DeepSpeed's ZeRO engine) in fresh spawned gloo processes per configuration
+(one-process configurations two at a time); each rank measures its resident memory's
 peak above what it held before building the model (``testing/peak_memory.py``). What is
 not the run's data is kept out of the measurement: megatron-core's lazily imported modules
 are imported and the executable pages of the loaded libraries mapped before it starts, and
