@@ -248,10 +248,11 @@ class Checkpointer:
 
 
 def load_trained(
-    run_dir: Path, device: torch.device | None = None
+    run_dir: Path, device: torch.device | None = None, step: int | None = None
 ) -> tuple[Config, Tokenizer, nn.Module, int]:
-    """(config, tokenizer, single-process model with the newest checkpoint's weights, step)
-    of a run, whatever the split that trained it (the sharded tensors load whole)."""
+    """(config, tokenizer, single-process model with the weights of checkpoint ``step``
+    (default: the newest complete one), its step) of a run, whatever the split that trained
+    it (the sharded tensors load whole)."""
     from pretrain.build import model_for, select_device, tokenizer_for
 
     run_dir = Path(run_dir)
@@ -262,7 +263,12 @@ def load_trained(
     checkpoints = complete_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    ckpt = checkpoints[-1]
+    by_step = {int(p.name.removeprefix("step_")): p for p in checkpoints}
+    step = max(by_step) if step is None else step
+    if step not in by_step:
+        steps = ", ".join(str(s) for s in sorted(by_step))
+        raise ValueError(f"{run_dir} has no checkpoint of step {step} (it has: {steps})")
+    ckpt = by_step[step]
     meta = read_meta(ckpt)
     verify_files(ckpt, meta)
     first = load_rank_file(ckpt, 0, meta)

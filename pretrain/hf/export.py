@@ -46,40 +46,23 @@ class Trained:
 def load_checkpoint(run_dir: Path, step: int | None = None) -> Trained:
     """The run's model at ``step`` (default: its newest complete checkpoint), whatever the
     split that trained it."""
-    from parallel.dims import ParallelDims
-    from pretrain.build import model_for, tokenizer_for
-    from pretrain.checkpoint import complete_checkpoints, load_rank_file, read_meta, verify_files
-    from pretrain.checkpointer import Checkpointer
+    from pretrain.checkpointer import load_trained
     from pretrain.config import config_from_dict, parse_yaml
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    checkpoints = complete_checkpoints(run_dir)
-    if not checkpoints:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    by_step = {int(p.name.removeprefix("step_")): p for p in checkpoints}
-    if step is None:
-        step = max(by_step)
-    if step not in by_step:
-        steps = ", ".join(str(s) for s in sorted(by_step))
-        raise ExportError(f"{run_dir} has no checkpoint of step {step} (it has: {steps})")
-    ckpt = by_step[step]
-    meta = read_meta(ckpt)
-    verify_files(ckpt, meta)
-    saved_step = int(load_rank_file(ckpt, 0, meta)["train"]["step"])
-    cfg = config_from_dict(parse_yaml(config_path.read_text()))
-    t = cfg.data.tokenizer
-    if t.kind == "sentencepiece" and not Path(t.path).is_file():
-        # tokenizer_for would train a new one: not the tokenizer the model was trained with.
-        raise ExportError(
-            f"the run's tokenizer {t.path} is not there (run from the folder the run was "
-            "trained in)"
-        )
-    tokenizer = tokenizer_for(cfg)
-    model = model_for(cfg, tokenizer.vocab_size, torch.device("cpu"))
-    Checkpointer(model, None, ParallelDims.single()).load_weights(ckpt)
+    if config_path.is_file():
+        t = config_from_dict(parse_yaml(config_path.read_text())).data.tokenizer
+        if t.kind == "sentencepiece" and not Path(t.path).is_file():
+            # load_trained would train a new one: not the tokenizer the model was trained with.
+            raise ExportError(
+                f"the run's tokenizer {t.path} is not there (run from the folder the run was "
+                "trained in)"
+            )
+    try:
+        cfg, tokenizer, model, saved_step = load_trained(run_dir, torch.device("cpu"), step)
+    except ValueError as e:  # a step the run has no checkpoint of
+        raise ExportError(str(e)) from None
     return Trained(cfg, tokenizer, model.float().eval(), saved_step, run_dir)
 
 
