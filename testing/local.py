@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -101,6 +102,27 @@ def gloo_world(rank: int, world: int) -> Iterator[None]:
         dist.barrier()  # without it gloo sometimes aborts at exit
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def launch_train(
+    tmp_path: Path, name: str, nproc: int, args: Sequence[str], env: dict[str, str]
+) -> subprocess.Popen:
+    """``torchrun --nproc_per_node <nproc> -m pretrain train run.dir=<tmp_path>/<name> ...``
+    in the background, in a session of its own (``finish_launch`` kills what is left of
+    it), its output in ``<tmp_path>/<name>.log`` (this launch's only: a log a test reads
+    must not hold an earlier launch's lines); ``env`` is its whole environment
+    (``subprocess_env``)."""
+    (port,) = free_ports(1)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "-m", "pretrain", "train", "--no-progress", f"run.dir={tmp_path / name}", *args,
+    ]  # fmt: skip
+    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
 
 
 def finish_launch(proc: subprocess.Popen, pids: Sequence[int] = (), timeout: float = 300) -> int:

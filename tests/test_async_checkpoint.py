@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.monitor import read_metrics
 from pretrain.train import Preempted, Trainer
-from testing.local import finish_launch, free_ports, paused_ranks, subprocess_env
+from testing.local import finish_launch, launch_train, paused_ranks, subprocess_env
 from testing.small_run import SMALL_RUN
 from tests.test_train import small_config, train_losses
 
@@ -192,18 +191,7 @@ RUN = [*SMALL_RUN, "train.max_steps=8", "checkpoint.interval=2", "train.eval_int
 
 def _launch(tmp_path: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """``torchrun --nproc_per_node 2 -m pretrain train`` (DP 2) in the background."""
-    (port,) = free_ports(1)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(port),
-        "-m", "pretrain", "train", "--no-progress", f"run.dir={tmp_path / name}", *RUN, *extra,
-    ]  # fmt: skip
-    full_env = subprocess_env(**(env or {}))
-    log = open(tmp_path / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        command, cwd=tmp_path, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    return launch_train(tmp_path, name, 2, [*RUN, *extra], subprocess_env(**(env or {})))
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

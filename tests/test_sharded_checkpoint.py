@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 from pretrain.checkpoint import load_checkpoint
 from pretrain.monitor import read_metrics
-from testing.local import finish_launch, free_ports, paused_ranks, run_ranks
+from testing.local import finish_launch, launch_train, paused_ranks, run_ranks, subprocess_env
 from testing.small_run import SMALL_RUN
 
 WORLD = 4
@@ -272,21 +271,8 @@ TP2_DP2 = ["parallel.tensor=2"]
 def launch(tmp_path: Path, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``torchrun --nproc_per_node 4 -m pretrain train`` (TP 2 x DP 2) in the background,
     output in ``<name>.log``."""
-    (port,) = free_ports(1)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
-        "--master_addr", "127.0.0.1", "--master_port", str(port),
-        "-m", "pretrain", "train", "--no-progress", f"run.dir={tmp_path / name}", *RUN, *TP2_DP2,
-    ]  # fmt: skip
-    full_env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "SEQBOAT_CACHE_DIR": str(tmp_path / "cache"),
-        **(env or {}),
-    }  # fmt: skip
-    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        command, cwd=tmp_path, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    env = subprocess_env(SEQBOAT_CACHE_DIR=str(tmp_path / "cache"), **(env or {}))
+    return launch_train(tmp_path, name, 4, [*RUN, *TP2_DP2], env)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
