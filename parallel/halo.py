@@ -121,14 +121,13 @@ def gather_halo(
 def with_halo(local: Tensor, halo: Tensor) -> Tensor:
     """[halo ; local] along the token axis: [window + M_local, B, ...].
 
-    Prepending exactly ``window`` slots keeps the block alignment of
-    ``GatedAttentionUnit.local_attention`` (blocks of ``window`` queries, keys from the
-    block and the one before): the halo is block 0 and the local tokens start at block 1.
-    Local query i sits at index window + i and sees keys window + i - window .. window + i,
-    i.e. halo slots i .. window - 1 and local tokens 0 .. i. Because the halo is
-    right-aligned, those halo slots are exactly the activated tokens the single-process
-    attention would show it; invalid (empty) halo slots are masked through the halo's
-    ``valid``. The queries of the halo slots are padding whose outputs are discarded.
+    ``GatedAttentionUnit.local_attention`` cuts the queries into blocks whose keys are the
+    block and the ``window`` slots before it, so local query i, at index window + i, sees
+    keys window + i - window .. window + i, i.e. halo slots i .. window - 1 and local
+    tokens 0 .. i. Because the halo is right-aligned, those halo slots are exactly the
+    activated tokens the single-process attention would show it; invalid (empty) halo slots
+    are masked through the halo's ``valid``. The queries of the halo slots are padding whose
+    outputs are discarded.
     """
     if halo.shape[1:] != local.shape[1:]:
         raise ValueError(f"halo {tuple(halo.shape)} does not match local {tuple(local.shape)}")

@@ -45,6 +45,10 @@ class ModelConfig:
     hdim: int = 256  # H, value/gate width
     ndim: int = 16  # N, EMA state per channel
     window: int = 64  # w, activated tokens each activated token attends back to
+    # Queries per block of the local attention, at most w (0: w / 2). A block reads its own
+    # keys and the w before it: smaller blocks compute fewer masked scores and pad less, and
+    # their backward holds (w + b) / b gradients of each value (pretrain/model/gau.py).
+    attention_block: int = 0
     routing: str = "sparse"  # "sparse" (router), "always" (every token), "never" (EMA only)
     attention_fn: str = "softmax"
     position: str = "rotary"  # rotary | simple (original distance) | local (activated) | none
@@ -434,6 +438,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     for key, value in [
         ("model.ffn_hidden", m.ffn_hidden), ("model.ema_chunk", m.ema_chunk),
+        ("model.attention_block", m.attention_block),
         ("train.heatmap_interval", t.heatmap_interval),
         ("train.threads", t.threads), ("optimizer.warmup_steps", o.warmup_steps),
     ]:  # fmt: skip

@@ -21,12 +21,13 @@ C = D / tp EMA channels, H / tp GAU value channels, and M the compressed tokens:
   input as chunk rows (T C), the [C, N, k] powers (twice), the states entering the chunks
   (3 x T C N / k) and the convolution's [C, k, k] Toeplitz matrix (k <= 128; above it the
   rows' spectra, ~2 T C);
-* the GAU on the M activated tokens: its input (M D), 5 Z (+ 2 Z for RoPE's cos/sin) and
-  7 H / tp per token (r's and v's silu inputs, the attention output and r, their product,
-  the value windows twice), and the attention's own [w, 2w] block per window (2 w per
-  token): on a CPU the math path's probabilities, on a GPU the additive mask the
-  memory-efficient kernel is given (plus its logsumexp, one float per query); on the path
-  that builds score blocks (relu2, learned positional biases, attention dropout), two.
+* the GAU on the M activated tokens: its input (M D), 4 Z (+ 2 Z for RoPE's cos/sin) and
+  6 H / tp per token (r's and v's silu inputs, the attention output and r, their product,
+  the values, which the windows of b = ``model.attention_block`` queries view), and the
+  attention's own [b, w + b] block per window (w + b per token): on a CPU the math path's
+  probabilities, on a GPU the additive mask the memory-efficient kernel is given (plus its
+  logsumexp, one float per query); on the path that builds score blocks (relu2, learned
+  positional biases, attention dropout), two.
   M = ratio x L / cp (+ the halo of w tokens under context parallelism), where ``ratio``
   is the fraction of tokens activated in the most activated sequence of a micro-batch.
   It is an input: 1.0 by default (every token; the upper bound, and the routing of a
@@ -37,7 +38,8 @@ The peak is at the start of the last micro-batch's backward, or inside a layer's
 every held layer's kept tensors plus the larger of two transients that never coexist (the
 layers' saved tensors are freed as their backward runs): the loss's (logits, log-softmax
 and their gradients) and a layer's backward (what its recompute made again: ``gau`` the
-GAU's part, ``layer`` the whole layer; plus the gradient of its value windows, 2 M H / tp).
+GAU's part, ``layer`` the whole layer; plus the gradient of its value windows,
+(w + b) / b x M H / tp).
 Gradients of earlier micro-batches, weights and optimizer state are held throughout.
 Buffers written only during the backward (parallel/grads.py's overlapped reduction; on a
 CPU DeepSpeed's bucket, whose fresh pages become resident only as gradients are copied
@@ -280,6 +282,7 @@ def layer_activation_bytes(
     # the states entering each chunk (3 x [C, n B, N]) and the chunk convolution: the
     # [C, k, k] Toeplitz matrix up to MATMUL_CONV_MAX, above it the rows' spectra.
     from pretrain.model.ema import MATMUL_CONV_MAX
+    from pretrain.model.gau import query_block
 
     chunk = m.ema_chunk if 0 < m.ema_chunk < length else length
     n_chunks = -(-length // chunk)
@@ -293,30 +296,32 @@ def layer_activation_bytes(
         per_seq = min(1.0, ratio) * length + (m.window if cp > 1 else 0)
         compressed = per_seq * batch
         hidden = m.hdim // tp
+        keys = m.window + query_block(m.window, m.attention_block)  # per window of b queries
         # Per activated token: the projections' input (D); z's silu input, z x scale, the
-        # query windows, the key windows (x 2: each holds the block before it) and, with
-        # RoPE, cos and sin of q and k (Z / 2 each); r's and v's silu inputs, attention
-        # output and r (the product's inputs), the product (out_proj's input) and the value
-        # windows (x 2).
-        z_terms = 5 + (2 if m.position == "rotary" else 0)
-        gau = compressed * act * (width + z_terms * m.zdim + 7 * hidden)
+        # queries, the keys (the windows view them) and, with RoPE, cos and sin of q and k
+        # (Z / 2 each); r's and v's silu inputs, attention output and r (the product's
+        # inputs), the product (out_proj's input) and the values. Keys and values are kept
+        # behind w zero slots per sequence.
+        z_terms = 4 + (2 if m.position == "rotary" else 0)
+        gau = compressed * act * (width + z_terms * m.zdim + 6 * hidden)
+        gau += m.window * batch * act * (m.zdim + hidden)
         fused = (m.attention_fn == "softmax" and m.position in ("rotary", "none")
                  and m.attention_dropout == 0)  # fmt: skip
-        if not fused:  # relu2 / positional biases / attention dropout: two [w, 2w] blocks
-            gau += compressed * 2 * 2 * m.window * act
+        if not fused:  # relu2 / positional biases / attention dropout: two [b, w + b] blocks
+            gau += compressed * 2 * keys * act
         else:
-            # One [w, 2w] block per window either way, for different reasons (device-
+            # One [b, w + b] block per window either way, for different reasons (device-
             # dependent): PyTorch's CPU SDPA runs the math path for the GAU's H != Z and
             # keeps the attention probabilities; CUDA's memory-efficient kernel keeps the
             # additive mask SDPA builds from our boolean one (its ``attn_bias`` input), plus
             # the logsumexp of each query (fp32).
-            gau += compressed * 2 * m.window * act
+            gau += compressed * keys * act
             if device == "cuda":
                 gau += compressed * 4
         if m.hidden_dropout > 0:
             gau += compressed * hidden
         if m.attention_dropout > 0:
-            gau += compressed * 2 * m.window
+            gau += compressed * keys
     masks = (tokens * channels + seq_tokens * width) if m.dropout > 0 else 0
     ffn = 0.0
     if m.ffn_hidden:
@@ -330,14 +335,18 @@ def layer_activation_bytes(
 
 def backward_workspace(cfg: Config, layout: Layout, ratio: float) -> float:
     """Bytes a layer's backward holds beside the saved tensors it has not freed yet: the
-    gradient of its largest tensor, the value windows ([I, 2w, H / tp], 2 per activated
-    token)."""
+    gradient of its largest tensor, the value windows ([I, w + b, H / tp], (w + b) / b per
+    activated token)."""
     m, t = cfg.model, cfg.train
     _, act, _ = _dtype_bytes(cfg)
     if m.routing == "never":
         return 2 * t.seq_length // layout.cp * t.micro_batch_size * m.width * act
+    from pretrain.model.gau import query_block
+
     per_seq = min(1.0, ratio) * t.seq_length // layout.cp + (m.window if layout.cp > 1 else 0)
-    return 2 * per_seq * t.micro_batch_size * m.hdim // layout.tp * act
+    block = query_block(m.window, m.attention_block)
+    copies = (m.window + block) / block
+    return copies * per_seq * t.micro_batch_size * m.hdim // layout.tp * act
 
 
 def estimate(cfg: Config, layout: Layout, ratio: float = 1.0, device: str = "cuda") -> Estimate:

@@ -39,16 +39,18 @@ HALO_CASES = [
     ("cp1", 1, 16, 2, 4, "random"),
 ]
 
-# (name, cp, sequence length, batch, window, pattern, position kind, attention function)
+# (name, cp, sequence length, batch, window, query block, pattern, position kind, attention
+# function); blocks smaller than the window, dividing it and not, shift the block boundaries
+# against the halo.
 ATTENTION_CASES = [
-    ("cp4-random-simple-softmax", 4, 40, 2, 4, "random", "simple", "softmax"),
-    ("cp4-one-per-rank-local-relu2", 4, 44, 3, 3, "one-per-rank", "local", "relu2"),
-    ("cp2-random-local-softmax", 2, 30, 2, 4, "random", "local", "softmax"),
-    ("cp4-mixed-simple-relu2", 4, 36, 4, 5, "mixed", "simple", "relu2"),
-    ("cp4-first-none-softmax", 4, 32, 2, 4, "first", "none", "softmax"),
-    ("cp2-all-simple-softmax", 2, 20, 2, 4, "all", "simple", "softmax"),
-    ("cp4-sparse-wide-local-softmax", 4, 40, 3, 8, "sparse", "local", "softmax"),
-    ("cp4-none-simple-relu2", 4, 16, 2, 3, "none", "simple", "relu2"),
+    ("cp4-random-simple-softmax", 4, 40, 2, 4, 4, "random", "simple", "softmax"),
+    ("cp4-one-per-rank-local-relu2", 4, 44, 3, 3, 3, "one-per-rank", "local", "relu2"),
+    ("cp2-random-local-softmax", 2, 30, 2, 4, 3, "random", "local", "softmax"),
+    ("cp4-mixed-simple-relu2", 4, 36, 4, 5, 2, "mixed", "simple", "relu2"),
+    ("cp4-first-none-softmax", 4, 32, 2, 4, 4, "first", "none", "softmax"),
+    ("cp2-all-simple-softmax", 2, 20, 2, 4, 1, "all", "simple", "softmax"),
+    ("cp4-sparse-wide-local-softmax", 4, 40, 3, 8, 3, "sparse", "local", "softmax"),
+    ("cp4-none-simple-relu2", 4, 16, 2, 3, 3, "none", "simple", "relu2"),
 ]
 
 BYTES_LENGTHS = (16, 256)
@@ -164,13 +166,14 @@ def check_attention_case(case: tuple, group, rank: int) -> dict:
     from pretrain.model.gau import GatedAttentionUnit
     from pretrain.model.router import compress, extract, plan_compression
 
-    name, cp, length, batch, window, pattern, position, fn = case
+    name, cp, length, batch, window, block, pattern, position, fn = case
     zdim, hdim, chunk = 4, 3, length // cp
     mask = make_mask(pattern, length, batch, cp, seed=100 + len(name))
     torch.manual_seed(0)
     gau = GatedAttentionUnit(
-        8, zdim, hdim, window, attention_fn=fn, position=position, max_positions=length + 1
-    ).double()
+        8, zdim, hdim, window, attention_fn=fn, position=position, max_positions=length + 1,
+        block=block,
+    ).double()  # fmt: skip
     if gau.rel_bias is not None:
         with torch.no_grad():  # large enough to matter against the scores
             gau.rel_bias.normal_(0, 0.5)
@@ -335,7 +338,7 @@ def test_halo_cases_have_ragged_local_lengths(results: list) -> None:
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
 def test_local_attention_across_ranks_is_exact(results: list, case: tuple) -> None:
-    name, pattern = case[0], case[5]
+    name, pattern = case[0], case[6]
     for rank, rank_results in enumerate(results):
         got = rank_results["attention"][name]
         worst = max(got["errors"].items(), key=lambda kv: kv[1])

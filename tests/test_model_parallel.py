@@ -34,8 +34,8 @@ CASES = [
     ("tp2-never", 2, False, 1, "random", {"routing": "never"}),
     ("dp4", 1, False, 1, "random", {}),
     ("cp2-dp2", 1, False, 2, "random", {"ema_chunk": 3}),
-    ("cp4", 1, False, 4, "random", {"position": "simple"}),
-    ("cp2-tp2", 2, False, 2, "random", {"position": "local", "window": 3}),
+    ("cp4", 1, False, 4, "random", {"position": "simple", "attention_block": 3}),
+    ("cp2-tp2", 2, False, 2, "random", {"position": "local", "window": 3, "attention_block": 2}),
     ("cp2-tp2-sp", 2, True, 2, "random", {"ffn_hidden": 16}),
     ("cp4-none", 1, False, 4, "none", {}),
     ("cp4-all", 1, False, 4, "all", {"attention_fn": "relu2", "window": 3}),
@@ -43,12 +43,12 @@ CASES = [
     ("cp4-spans-3-ranks", 1, False, 4, "sparse", {"position": "local"}),
     ("cp2-dp2-sparse", 1, False, 2, "sparse", {"window": 3}),
     # Load-balanced dispatch of the attention windows ("_dispatch": over which ranks).
-    ("cp4-dispatch", 1, False, 4, "random", {"_dispatch": "context"}),
+    ("cp4-dispatch", 1, False, 4, "random", {"_dispatch": "context", "attention_block": 3}),
     ("cp4-first-chunk-dispatch", 1, False, 4, "first", {"_dispatch": "context", "window": 1}),
     ("cp4-sparse-dispatch", 1, False, 4, "sparse", {"_dispatch": "context", "window": 3}),
     ("cp2-dp2-dispatch-data", 1, False, 2, "first", {"_dispatch": "data", "window": 2}),
     ("cp2-tp2-sp-dispatch", 2, True, 2, "random", {"_dispatch": "context", "position": "simple"}),
-    ("dp4-dispatch-data", 1, False, 1, "random", {"_dispatch": "data"}),
+    ("dp4-dispatch-data", 1, False, 1, "random", {"_dispatch": "data", "attention_block": 2}),
 ]
 
 

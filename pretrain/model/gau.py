@@ -1,12 +1,14 @@
 """Single-head Gated Attention Unit with causal local attention over compressed tokens.
 
 Token i of the compressed sequence attends to itself and the previous ``window`` activated
-tokens (the SeqBoat paper, arXiv:2306.11197). Queries are processed in blocks of ``window``;
-each block's keys are that block and the one before it, so the score tensor is
-[B, M/w, w, 2w]: linear in the sequence length, never [M, M]. Softmax attention without a
-learned positional bias runs through ``scaled_dot_product_attention`` (fused kernels: the
-scores are not kept for backward); ``relu2``, the positional biases and attention dropout
-build the scores explicitly.
+tokens (the SeqBoat paper, arXiv:2306.11197). Queries are processed in blocks of ``block``
+(at most ``window``); each block's keys are the ``window`` tokens before it and its own, so
+the score tensor is [B, M/b, b, w + b]: linear in the sequence length, never [M, M]. Blocks
+smaller than the window compute fewer scores that the causal window masks (a query sees
+w + 1 of its block's w + b keys; with b = w half of the 2w scores are masked) and pad less at
+the end of a sequence. Softmax attention without a learned positional bias runs through
+``scaled_dot_product_attention`` (fused kernels: the scores are not kept for backward);
+``relu2``, the positional biases and attention dropout build the scores explicitly.
 """
 
 from __future__ import annotations
@@ -35,6 +37,19 @@ class SpanStats:
     # Attention work max/mean over the dispatch group's ranks, before and after dispatch.
     imbalance: tuple[float, float] | None = None
 
+    @staticmethod
+    def total(parts: list[SpanStats | None]) -> SpanStats:
+        return SpanStats(
+            distance_sum=sum(p.distance_sum for p in parts),  # type: ignore[union-attr]
+            pairs=sum(p.pairs for p in parts),  # type: ignore[union-attr]
+        )
+
+
+def query_block(window: int, block: int = 0) -> int:
+    """Queries per block of the local attention: ``block`` (0: half the window), at most the
+    window."""
+    return min(block or max(1, window // 2), window)
+
 
 class GatedAttentionUnit(nn.Module):
     def __init__(
@@ -51,6 +66,7 @@ class GatedAttentionUnit(nn.Module):
         hidden_dropout: float = 0.0,
         tp: TensorParallel = TensorParallel(),
         cp: ContextParallel = ContextParallel(),
+        block: int = 0,
     ) -> None:
         super().__init__()
         self.tp = tp
@@ -59,6 +75,7 @@ class GatedAttentionUnit(nn.Module):
         # the reference path that builds the score blocks (for tests and benchmarks).
         self.fused = True
         self.zdim, self.hdim, self.window = zdim, hdim, window
+        self.block = query_block(window, block)
         self.attention_fn, self.position = attention_fn, position
         self.rope_base = rope_base
         # z (shared query/key) is small and replicated under tensor parallelism: single-head
@@ -103,7 +120,7 @@ class GatedAttentionUnit(nn.Module):
         """m: [..., D], positions: [...] original positions -> q, k [..., Z]; v, r [..., H]."""
         # Under tensor parallelism z is replicated but its gradient is not: each rank's part
         # of the attention gradient comes from its H-slice of v. The backward all-reduce
-        # here makes it whole (M x Z, smaller than the [M, 2w] attention weights).
+        # here makes it whole (M x Z, smaller than the [M, w + b] attention weights).
         z = copy_to_group(F.silu(self.z_proj(m)), self.tp)
         r = F.silu(self.r_proj(m))
         v = self.hidden_dropout(F.silu(self.v_proj(m)))
@@ -146,7 +163,7 @@ class GatedAttentionUnit(nn.Module):
             attn, stats = self.local_attention(q, k, v, positions, valid, collect_stats)
             return self.out_proj(attn * r), stats
         # Context parallel: the last `window` activated tokens before this rank's chunk come
-        # from the ranks before it, prepended as one block (its queries are discarded).
+        # from the ranks before it, prepended (their queries are discarded).
         (k_halo, v_halo, pos_halo), valid_halo = gather_halo(
             [k, v, positions], valid.sum(0), self.window, self.cp.group()
         )
@@ -172,17 +189,21 @@ class GatedAttentionUnit(nn.Module):
 
         ``valid`` marks the slots that may be attended; ``query_valid`` (default: the same)
         the queries whose output matters. The work is cut into windows (one block of
-        ``window`` queries of one sequence with its keys); under a dispatching context
-        group, the windows with a query that matters are balanced over its ranks."""
-        length, batch = q.shape[:2]
-        windows = Windows.cut(
-            q, k, v, positions, valid, valid if query_valid is None else query_valid, self.window
-        )
+        ``block`` queries of one sequence with its keys), one sequence at a time, where the
+        keys are views of the sequence; under a dispatching context group, the windows of
+        all sequences with a query that matters are balanced over its ranks."""
+        sequences = Windows.cut(
+            q, k, v, positions, valid, valid if query_valid is None else query_valid,
+            self.window, self.block,
+        )  # fmt: skip
         if self.cp.dispatch_group() is None:
-            out, stats = self.attend(windows, collect_stats)
+            attended = [self.attend(windows, collect_stats) for windows in sequences]
+            outs = [out for out, _ in attended]
+            stats = SpanStats.total([s for _, s in attended]) if collect_stats else None
         else:
-            out, stats = self._attend_dispatched(windows, collect_stats)
-        return windows.join(out, length, batch), stats
+            out, stats = self._attend_dispatched(Windows.concat(sequences), collect_stats)
+            outs = list(out.chunk(len(sequences)))
+        return Windows.join(outs, q.shape[0]), stats
 
     def _attend_dispatched(
         self, windows: Windows, collect_stats: bool
@@ -191,7 +212,9 @@ class GatedAttentionUnit(nn.Module):
         plan = Dispatch(int(busy.numel()), self.cp.dispatch_group())
         local = windows.select(busy)
         floats, ints = local.pack()
-        remote = Windows.unpack(plan.send(floats), plan.send(ints), self.window, local.q.shape[-1])
+        remote = Windows.unpack(
+            plan.send(floats), plan.send(ints), self.block, self.window, local.q.shape[-1]
+        )
         out, stats = self.attend(remote, collect_stats)
         if stats is not None:
             stats.imbalance = (plan.before, plan.after)
@@ -207,11 +230,12 @@ class GatedAttentionUnit(nn.Module):
         return self.fused and plain and no_dropout
 
     def attend(self, w: Windows, collect_stats: bool = False) -> tuple[Tensor, SpanStats | None]:
-        """Attention within each window: [I, window, H] outputs."""
-        window = self.window
+        """Attention within each window: [I, block, H] outputs."""
+        window, block = self.window, w.q.shape[1]
         # Query a of a window sits at a + window in its key axis: distance in activated tokens.
-        offs = torch.arange(window, device=w.q.device)
-        act_distance = (offs.unsqueeze(1) + window) - torch.arange(2 * window, device=w.q.device)
+        offs = torch.arange(block, device=w.q.device)
+        keys = torch.arange(window + block, device=w.q.device)
+        act_distance = (offs.unsqueeze(1) + window) - keys
         allowed = ((act_distance >= 0) & (act_distance <= window)) & w.valid_k.unsqueeze(1)
         if self.uses_fused_kernel():
             # The score blocks are never kept for backward. Each query may also see its own
@@ -241,10 +265,10 @@ class GatedAttentionUnit(nn.Module):
 
 @dataclass
 class Windows:
-    """Independent pieces of causal local attention: item i is one block of ``window``
-    compressed queries of one sequence with the ``2 * window`` keys it may see (the previous
-    block and its own). Shapes: q [I, w, Z], k [I, 2w, Z], v [I, 2w, H], pos_q [I, w],
-    pos_k [I, 2w], valid_k [I, 2w], valid_q [I, w]."""
+    """Independent pieces of causal local attention: item i is one block of ``b`` compressed
+    queries of one sequence with the ``w + b`` keys it may see (the ``w`` tokens before the
+    block and its own). Shapes: q [I, b, Z], k [I, w+b, Z], v [I, w+b, H], pos_q [I, b],
+    pos_k [I, w+b], valid_k [I, w+b], valid_q [I, b]."""
 
     q: Tensor
     k: Tensor
@@ -257,45 +281,51 @@ class Windows:
     @classmethod
     def cut(
         cls, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor,
-        query_valid: Tensor, window: int,
-    ) -> Windows:  # fmt: skip
-        """From compressed [M, B, ...] tensors; items ordered by (sequence, block)."""
-        length = q.shape[0]
-        blocks = -(-length // window)
-        pad = blocks * window - length
+        query_valid: Tensor, window: int, block: int,
+    ) -> list[Windows]:  # fmt: skip
+        """From compressed [M, B, ...] tensors: the windows of each sequence, ordered by
+        block. The keys and values of a sequence's windows are overlapping views of the
+        sequence (behind ``window`` zero slots), not copies: the ``w + b`` keys of a window
+        would otherwise hold each key (w + b) / b times."""
+        length, batch = q.shape[:2]
+        blocks = -(-length // block)
+        pad = blocks * block - length
 
-        def to_blocks(x: Tensor) -> Tensor:  # [M, B, ...] -> [B, n, w, ...]
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, 0, 0, pad)) if pad else x
-            return x.view(blocks, window, *x.shape[1:]).movedim(2, 0)
+        def padded(x: Tensor, before: int) -> Tensor:  # ``before`` and ``pad`` zero slots
+            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, 0, before, pad))
 
-        def with_previous(x: Tensor) -> Tensor:  # [B, n, w, ...] -> [B, n, 2w, ...]
-            prev = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 1, 0))[:, :-1]
-            return torch.cat([prev, x], dim=2)
+        def to_blocks(x: Tensor) -> list[Tensor]:  # [M, B, ...] -> B x [n, b, ...]
+            x = padded(x, 0) if pad else x
+            return list(x.view(blocks, block, *x.shape[1:]).unbind(2))
 
-        def items(x: Tensor) -> Tensor:  # [B, n, ...] -> [B * n, ...]
-            return x.flatten(0, 1)
+        def with_previous(x: Tensor) -> list[Tensor]:  # [M, B, ...] -> B x [n, w + b, ...]
+            # Block j's keys are padded slots j b .. j b + w + b - 1: a sliding window over
+            # the token axis (unfold puts the window's axis last).
+            x = padded(x, window).unfold(0, window + block, block)  # [n, B, ..., w + b]
+            return list(x.movedim(-1, 1).unbind(2))
 
-        pos_q = to_blocks(positions)
-        return cls(
-            q=items(to_blocks(q)),
-            k=items(with_previous(to_blocks(k))),
-            v=items(with_previous(to_blocks(v))),
-            pos_q=items(pos_q),
-            pos_k=items(with_previous(pos_q)),
-            # Padding and the block before the first are invalid keys.
-            valid_k=items(with_previous(to_blocks(valid))),
-            valid_q=items(to_blocks(query_valid)),
-        )
+        fields = (
+            to_blocks(q), with_previous(k), with_previous(v), to_blocks(positions),
+            with_previous(positions),
+            # Padding and the slots before the first token are invalid keys.
+            with_previous(valid), to_blocks(query_valid),
+        )  # fmt: skip
+        return [cls(*(f[b] for f in fields)) for b in range(batch)]
+
+    @classmethod
+    def concat(cls, parts: list[Windows]) -> Windows:
+        """The windows of ``parts``, in order, as one (copied) set."""
+        return cls(*(torch.cat(f) for f in zip(*(p._fields() for p in parts), strict=True)))
 
     def pos_distance(self) -> Tensor:
-        """Original position of each query minus that of each key: [I, w, 2w]."""
+        """Original position of each query minus that of each key: [I, b, w + b]."""
         return self.pos_q.unsqueeze(-1) - self.pos_k.unsqueeze(-2)
 
-    def join(self, out: Tensor, length: int, batch: int) -> Tensor:
-        """Item outputs [B * n, w, H] -> compressed [M, B, H]."""
-        blocks, window = out.shape[0] // batch, out.shape[1]
-        out = out.view(batch, blocks, window, *out.shape[2:]).movedim(0, 2)
-        return out.reshape(blocks * window, batch, *out.shape[3:])[:length]
+    @staticmethod
+    def join(outs: list[Tensor], length: int) -> Tensor:
+        """Each sequence's window outputs [n, b, H] -> compressed [M, B, H]."""
+        out = torch.stack(outs, dim=2)  # [n, b, B, H]
+        return out.flatten(0, 1)[:length]
 
     def select(self, index: Tensor) -> Windows:
         return Windows(*(t.index_select(0, index) for t in self._fields()))
@@ -310,16 +340,16 @@ class Windows:
         return floats, ints
 
     @classmethod
-    def unpack(cls, floats: Tensor, ints: Tensor, window: int, zdim: int) -> Windows:
-        items = floats.shape[0]
+    def unpack(cls, floats: Tensor, ints: Tensor, block: int, window: int, zdim: int) -> Windows:
+        items, keys = floats.shape[0], window + block
         q, k, v = floats.split(
-            [window * zdim, 2 * window * zdim, floats.shape[1] - 3 * window * zdim], 1
+            [block * zdim, keys * zdim, floats.shape[1] - (block + keys) * zdim], 1
         )
-        pos_q, pos_k, valid_k, valid_q = ints.split([window, 2 * window, 2 * window, window], 1)
+        pos_q, pos_k, valid_k, valid_q = ints.split([block, keys, keys, block], 1)
         return cls(
-            q=q.view(items, window, zdim),
-            k=k.view(items, 2 * window, zdim),
-            v=v.view(items, 2 * window, -1),
+            q=q.view(items, block, zdim),
+            k=k.view(items, keys, zdim),
+            v=v.view(items, keys, -1),
             pos_q=pos_q,
             pos_k=pos_k,
             valid_k=valid_k.bool(),

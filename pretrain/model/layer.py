@@ -127,6 +127,7 @@ class SeqBoatLayer(nn.Module):
                 cfg.hidden_dropout,
                 tp,
                 self.cp,
+                cfg.attention_block,
             )
         )
         self.ema_dropout = SplitDropout(cfg.dropout, split=tp.active)  # channel-split

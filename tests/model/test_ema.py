@@ -136,14 +136,15 @@ def test_ema_untruncated_and_truncated():
         assert rel_err(long_trunc(x), ref) < 1e-10
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # one sequence: the rows' 2-D transposes
 @pytest.mark.parametrize(
     ("length", "chunk"), [(100, 7), (257, 64), (257, 256), (64, 64), (300, 0), (100, 0)]
 )
-def test_ema_chunked_convolution_matches_recurrence(length, chunk):
+def test_ema_chunked_convolution_matches_recurrence(length, chunk, batch):
     """Training's chunked convolution (a Toeplitz matmul up to MATMUL_CONV_MAX tokens per
     chunk, an FFT above; states carried between chunks) is the untruncated EMA, in its
     output and in the gradients of its input and of every parameter."""
-    x = torch.randn(length, 2, 5, requires_grad=True)
+    x = torch.randn(length, batch, 5, requires_grad=True)
     ema = make_ema(truncation=None)
     chunked = DampedEMA(5, ema.ndim, None, chunk)
     chunked.load_state_dict(ema.state_dict())
@@ -155,7 +156,7 @@ def test_ema_chunked_convolution_matches_recurrence(length, chunk):
     for grad, grad_ref in zip(grads, grads_ref, strict=True):
         assert rel_err(grad, grad_ref) < 1e-10
     # With a carried-in state: outputs and the final state (the last chunk may be padded).
-    state = torch.randn(2, 5, ema.ndim, dtype=F64)
+    state = torch.randn(batch, 5, ema.ndim, dtype=F64)
     ref, h_last = ema_recurrence(ema, x.detach(), state)
     y, final = chunked.scan_chunk(x.detach(), state)
     assert rel_err(y, ref) < 1e-10 and rel_err(final, h_last) < 1e-10

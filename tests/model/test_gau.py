@@ -13,11 +13,15 @@ import torch
 from pretrain.model.gau import GatedAttentionUnit
 from tests.model.reference import dense_attention_reference, gau_reference, rel_err
 
+# (window, query block): blocks of the window's size, smaller ones dividing it and not.
+WINDOW_BLOCKS = [(1, 1), (3, 3), (8, 8), (8, 2), (8, 3), (3, 1)]
 
-def make_gau(window, attention_fn, position, width=6, zdim=4, hdim=5, max_positions=7):
+
+def make_gau(window, attention_fn, position, width=6, zdim=4, hdim=5, max_positions=7, block=None):
     gau = GatedAttentionUnit(
-        width, zdim, hdim, window, attention_fn, position, max_positions=max_positions
-    ).double()
+        width, zdim, hdim, window, attention_fn, position, max_positions=max_positions,
+        block=window if block is None else block,
+    ).double()  # fmt: skip
     with torch.no_grad():  # big enough that scores and biases matter
         for p in gau.parameters():
             p.normal_(0.0, 0.7)
@@ -36,12 +40,12 @@ def general_valid(length: int) -> torch.Tensor:
     return torch.stack([*cols, rand, prefix], dim=1)
 
 
-@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize(("window", "block"), WINDOW_BLOCKS)
 @pytest.mark.parametrize("length", [1, 2, 5, 17])
 @pytest.mark.parametrize("position", ["none", "simple", "local"])
 @pytest.mark.parametrize("attention_fn", ["softmax", "relu2"])
-def test_local_attention_matches_dense(window, length, position, attention_fn):
-    gau = make_gau(window, attention_fn, position)
+def test_local_attention_matches_dense(window, block, length, position, attention_fn):
+    gau = make_gau(window, attention_fn, position, block=block)
     batch = 4
     q, k = torch.randn(length, batch, 4), torch.randn(length, batch, 4)
     v = torch.randn(length, batch, 5)
@@ -56,11 +60,11 @@ def test_local_attention_matches_dense(window, length, position, attention_fn):
     assert rel_err(out[rows], ref[rows]) < 1e-10
 
 
-@pytest.mark.parametrize("window", [1, 3, 8])
-def test_local_attention_attended_set(window):
+@pytest.mark.parametrize(("window", "block"), WINDOW_BLOCKS)
+def test_local_attention_attended_set(window, block):
     """With q = 0 softmax is uniform over the attended set; v = one-hot slots reveals it:
     exactly the valid slots j with i - w <= j <= i (empty slots inside the window count)."""
-    gau = make_gau(window, "softmax", "none")
+    gau = make_gau(window, "softmax", "none", block=block)
     length, batch = 20, 4
     valid = general_valid(length)
     q = torch.zeros(length, batch, 4)
@@ -82,13 +86,13 @@ def test_local_attention_attended_set(window):
     assert int(stats.pairs) == pairs
 
 
-@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize(("window", "block"), WINDOW_BLOCKS)
 @pytest.mark.parametrize("position", ["rotary", "simple", "local", "none"])
 @pytest.mark.parametrize("attention_fn", ["softmax", "relu2"])
-def test_gau_forward_matches_reference(window, position, attention_fn):
+def test_gau_forward_matches_reference(window, block, position, attention_fn):
     """The GAU as the layer calls it: left-packed valid prefixes, zeros / position 0 in the
     empty slots, original positions of the packed tokens."""
-    gau = make_gau(window, attention_fn, position)
+    gau = make_gau(window, attention_fn, position, block=block)
     for length in (2, 13):
         counts = [length, 0, min(3, length), length - 1]
         batch = len(counts)
@@ -120,11 +124,11 @@ def test_rotary_positions_matter():
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("position", ["rotary", "none"])
-@pytest.mark.parametrize("window", [1, 3, 8])
-def test_fused_kernel_equals_the_reference_path(dtype, tolerance, position, window):
+@pytest.mark.parametrize(("window", "block"), WINDOW_BLOCKS)
+def test_fused_kernel_equals_the_reference_path(dtype, tolerance, position, window, block):
     """The fused kernel (scaled_dot_product_attention) and the path that builds the score
     blocks give the same outputs on every valid slot and the same gradients of everything."""
-    gau = make_gau(window, "softmax", position).to(dtype)
+    gau = make_gau(window, "softmax", position, block=block).to(dtype)
     length, batch = 21, 4
     valid = general_valid(length)
     m = (torch.randn(length, batch, 6, dtype=dtype) * valid.unsqueeze(-1)).requires_grad_()
@@ -157,3 +161,24 @@ def test_fused_kernel_only_where_it_applies():
     gau.attention_dropout.p = 0.1
     assert not gau.train().uses_fused_kernel()
     assert gau.eval().uses_fused_kernel()
+
+
+def test_window_keys_are_views_of_the_sequence():
+    """The w + b keys and values of each window are views of one padded copy of k and v
+    (stored once), not (w + b) / b copies: the planner's memory model counts them once."""
+    from pretrain.model.gau import Windows
+
+    length, batch, window, block = 37, 3, 8, 2
+    q, k = torch.randn(length, batch, 4), torch.randn(length, batch, 4)
+    v = torch.randn(length, batch, 5)
+    valid = torch.ones(length, batch, dtype=torch.bool)
+    positions = torch.arange(length).unsqueeze(1).expand(length, batch)
+    sequences = Windows.cut(q, k, v, positions, valid, valid, window, block)
+    assert len(sequences) == batch
+    for name, whole in (("k", k), ("v", v)):
+        views = [getattr(w, name) for w in sequences]
+        storages = {t.untyped_storage().data_ptr() for t in views}
+        assert len(storages) == 1, name
+        padded = (window + 38) * batch * whole.shape[-1] * whole.element_size()  # 37 -> 38
+        assert views[0].untyped_storage().nbytes() == padded
+        assert views[0].shape == (19, window + block, whole.shape[-1])
