@@ -5,13 +5,14 @@ Each case builds the SeqBoat language model (fp32) with AdamW state (one step on
 gradients), then times the Trainer's ``Checkpointer``: ``save`` (model + optimizer through
 dist_checkpointing, the per-rank file, checksums, publication) and ``restore`` (checksum
 verification, the sharded load into the model and optimizer); the slowest rank's time is
-reported. Beside the synchronous save, the same save with ``checkpoint.async``: the time
-training is blocked (staging: host copies of the tensors, megatron's small files) and the
-time until the background writer has published it; ``--profile`` adds the parts of the
-blocked time (``Checkpointer.timings``). Bytes per rank: the files a rank wrote (its shard
+reported, each part timed after a garbage collection (``settle``). Beside the synchronous
+save, the same save with ``checkpoint.async``: the time training is blocked (staging: host
+copies of the tensors, megatron's factories, the rank file) and the time until the
+background writer has published it; ``--profile`` adds the parts of the blocked time
+(``Checkpointer.timings``). Bytes per rank: the files a rank wrote (its shard
 file and its ``rank_XXXXX.pt``; rank 0 also the shared metadata). With 1 rank, also one
 process without a process group ("no group": ``seqboat train`` on one process), where
-megatron-core's steps that ask for the rank run at the step, in a temporary one-rank group.
+the background writer makes the one-rank group megatron-core asks the rank of.
 
     python bench/checkpoint_io.py               # tiny + big, 1 and 2 ranks, ~2-3 min on 2 cores
     python bench/checkpoint_io.py --world 1 2 4 --shapes tiny 125m --repeats 3 --profile
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import re
 import sys
 import tempfile
@@ -76,15 +78,15 @@ def measure(shape: str, tp_size: int, repeats: int, root: Path, grouped: bool = 
     run_dir = root / f"{shape}-tp{tp_size}-w{world}"
     saves, loads, blocked, published, parts = [], [], [], [], []
     for step in range(1, repeats + 1):
-        barrier()
+        settle()
         start = time.perf_counter()
         checkpointer.save(run_dir, 2 * step - 1, {}, keep_last=1)  # steps in order: see _prune
         saves.append(slowest(time.perf_counter() - start))
-        barrier()
+        settle()
         start = time.perf_counter()
         checkpointer.restore(run_dir)
         loads.append(slowest(time.perf_counter() - start))
-        barrier()
+        settle()
         start = time.perf_counter()
         background.save(run_dir, 2 * step, {}, keep_last=1)
         blocked.append(slowest(time.perf_counter() - start))
@@ -101,9 +103,13 @@ def measure(shape: str, tp_size: int, repeats: int, root: Path, grouped: bool = 
     }  # fmt: skip
 
 
-def barrier() -> None:
+def settle() -> None:
+    """Before a timed part: Python's garbage collected (a full collection of this process's
+    heap, triggered by the previous part's objects, takes ~25 ms and would land in whichever
+    part came next) and every rank at the start."""
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
 

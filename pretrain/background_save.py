@@ -1,14 +1,15 @@
 """Writing checkpoints in the background (``checkpoint.async``).
 
 The step that saves only stages the checkpoint (``pretrain/checkpoint.py``
-``stage_checkpoint``: tensors copied to host memory, the rank file serialized, rank 0's
-``common.pt`` written, no collective; in a process without a process group also megatron's
-steps that ask for the rank); a thread then does the rest (``write_checkpoint``:
-the sharding check when the sharding changed, torch DCP's plan and the shard files, the rank
-file, barriers, checksums, ``meta.json``, rename, ``latest``). The thread's collectives run
-on a gloo group of their own, created once by every rank, so that they never interleave with
-the training's collectives on the default group (torch's ``dcp.async_save`` asks for the
-same).
+``stage_checkpoint``: tensors copied to host memory, megatron's factories applied, the rank
+file serialized; no collective, no process group needed); a thread then does the rest
+(``write_checkpoint``: rank 0's ``common.pt``, the sharding check when the sharding changed,
+torch DCP's plan and the shard files, the rank file, barriers, checksums, ``meta.json``,
+rename, ``latest``). The thread's collectives run on a gloo group of their own, created once
+by every rank, so that they never interleave with the training's collectives on the default
+group (torch's ``dcp.async_save`` asks for the same). A process without a process group has
+no collective to interleave with: its writer makes the one-rank group megatron asks the rank
+of for the time of a write (``pretrain/checkpoint.py`` ``_write_sharded``).
 
 One save is in flight at a time: the next save, the end of the run and a stop request wait
 for it. A rank killed while its writer runs leaves ``step_X.tmp`` unpublished, so ``latest``

@@ -23,13 +23,13 @@ Test hook: ``SEQBOAT_CHECKPOINT_PAUSE=<step>:<path>`` makes the save of that ste
 after this rank's files are written, create ``<path>.rank<N>`` (holding its pid), and wait
 until ``<path>`` exists -- a deterministic moment to kill a rank in the middle of a save.
 ``SEQBOAT_CHECKPOINT_WRITE_PAUSE`` does the same when ``write_checkpoint`` starts, before
-the rank writes anything but the files of the staging (rank 0's ``common.pt``, ZeRO's): for
-the background writer of ``checkpoint.async``, training goes on meanwhile.
+the rank writes anything but the files of the staging (ZeRO's): for the background writer of
+``checkpoint.async``, training goes on meanwhile.
 
-A save is staged at the step (``stage_checkpoint``: what must be taken then, and no
-collective) and written by ``write_checkpoint`` (the rest, collective over the group it is
-given), at once or by a background thread. megatron-core's check of the sharding runs on
-the first save and when the sharding changed (``ShardingCheck``), not on every save.
+A save is staged at the step (``stage_checkpoint``: what must be taken then; no collective
+and no process group) and written by ``write_checkpoint`` (the rest, collective over the
+group it is given), at once or by a background thread. megatron-core's check of the sharding
+runs on the first save and when the sharding changed (``ShardingCheck``), not on every save.
 
 Over 400 lines on purpose: the format's guarantees (write order, fsyncs, checksums,
 publication, fallback on load) hold only together, and are reviewed together here.
@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ class StagedCheckpoint:
     layout: dict[str, int]
     rank_file: bytes  # this rank's ``torch.save``d state
     sharded: dict[str, Any] | None  # this rank's sharded tensors (megatron-core's) to write
-    shards: dict[str, Any] | None  # or, staged without a process group, in torch DCP's form
+    common: dict[str, Any] | None  # the rest of that state dict (``common.pt``, rank 0's)
     check: ShardingCheck
     timings: dict[str, float]  # seconds of each part of the staging (profiling)
 
@@ -161,13 +162,14 @@ def stage_checkpoint(
     check: ShardingCheck | None = None,
 ) -> StagedCheckpoint:
     """The part of a save that must happen at the step: rank 0 makes the ``step_X.tmp``
-    folder and writes megatron-core's ``common.pt``, every rank serializes its state, and
-    ``extra``'s files are written (collective then: every rank waits for the folder). With
-    ``host_buffers`` the tensors are copied into host memory (those buffers, kept from save
-    to save), so training may change the originals while ``write_checkpoint`` runs in the
-    background. Without ``extra`` no collective runs here: all that needs the other ranks
-    (the sharding check, torch DCP's plan of the shard files, the barriers) and all that
-    can wait is ``write_checkpoint``'s."""
+    folder, megatron-core's factories are applied and the common (non-tensor) part split
+    off, every rank serializes its state, and ``extra``'s files are written (collective
+    then: every rank waits for the folder). With ``host_buffers`` the tensors are copied
+    into host memory (those buffers, kept from save to save), so training may change the
+    originals while ``write_checkpoint`` runs in the background. Without ``extra`` nothing
+    here needs a process group: all that does (``common.pt``, the sharding check, torch
+    DCP's plan of the shard files, the barriers) and all that can wait is
+    ``write_checkpoint``'s."""
     timings: dict[str, float] = {}
     rank, world_size = _rank_and_world()
     check = check if check is not None else ShardingCheck()
@@ -179,13 +181,13 @@ def stage_checkpoint(
             (tmp / SHARDED).mkdir(parents=True)
         if extra is not None:
             _barrier()  # every rank writes into the folder now
-    shards = None
+    common = None
     if sharded is not None:
         if host_buffers is not None:
             with _timed(timings, "host_copy"):
                 sharded = _host_copy(sharded, host_buffers)
         with _timed(timings, "preprocess"):
-            sharded, shards = _stage_sharded(sharded, tmp / SHARDED, check)
+            sharded, common = _preprocess(sharded)
     if extra is not None:
         with _timed(timings, "extra"):
             extra(tmp)
@@ -194,7 +196,7 @@ def stage_checkpoint(
         torch.save(state, buffer)  # serialized now: the caller's objects may change afterwards
     layout = sizes or _data_parallel_only(world_size)
     return StagedCheckpoint(
-        Path(run_dir), step, keep_last, layout, buffer.getvalue(), sharded, shards, check,
+        Path(run_dir), step, keep_last, layout, buffer.getvalue(), sharded, common, check,
         timings,
     )  # fmt: skip
 
@@ -209,12 +211,8 @@ def write_checkpoint(staged: StagedCheckpoint, group: dist.ProcessGroup | None =
     tmp = _tmp_folder(staged.run_dir, staged.step)
     _pause_for_tests(staged.step, rank, WRITE_PAUSE_ENV)
     _barrier(group)  # rank 0 made the folder (staging) before any rank writes into it
-    shards = staged.shards
-    if staged.sharded is not None:  # the process group's ranks check the sharding together
-        _check_sharding(staged.sharded, staged.check, tmp / SHARDED, group)
-        shards = _to_dcp(staged.sharded)
-    if shards is not None:
-        _write_shards(shards, tmp / SHARDED, group)
+    if staged.sharded is not None:
+        _write_sharded(staged.sharded, staged.common, staged.check, tmp / SHARDED, group)
     path = tmp / rank_file(rank)
     with open(path, "wb") as f:
         f.write(staged.rank_file)
@@ -229,7 +227,7 @@ def write_checkpoint(staged: StagedCheckpoint, group: dist.ProcessGroup | None =
             "step": staged.step,
             "world_size": world_size,
             "layout": staged.layout,
-            "sharded": shards is not None,
+            "sharded": staged.sharded is not None,
             "sha256": dict(sorted(checksums.items())),
         }
         _write_atomic(tmp / META, json.dumps(meta, indent=1))
@@ -312,29 +310,47 @@ def _host_copy(sharded: dict[str, Any], buffers: dict[Any, torch.Tensor]) -> dic
 _BACKEND, _BACKEND_VERSION = "torch_dist", 1
 
 
-def _stage_sharded(
-    sharded: dict[str, Any], folder: Path, check: ShardingCheck
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The first steps of megatron-core's ``dist_checkpointing.save``, with its functions:
-    the factories applied, the common (non-tensor) part split off and written to
-    ``common.pt`` by rank 0. Returns the sharded part, checked and converted by
-    ``write_checkpoint`` on the writer's group (megatron's ``save`` runs its collectives on
-    the default group, which a background thread must not use while training does, and
-    checks the sharding on every save); or, in a process without a process group, None and
-    the sharded part checked and converted here, where the temporary one-rank group that
-    megatron needs for the rank exists (a background thread must not create one while
-    training runs)."""
-    from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
+def _preprocess(sharded: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The first step of megatron-core's ``dist_checkpointing.save``, with its function: the
+    factories applied, the common (non-tensor) part split off. Needs no process group (the
+    check of the sharding, which does, is ``_write_sharded``'s)."""
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
-    temporary_group = not (dist.is_available() and dist.is_initialized())
+    from parallel import cpu_compat
+
+    cpu_compat.install()  # here, on the training thread: not by the writer while training runs
+    return save_preprocess(sharded, validate_access_integrity=False)
+
+
+def _write_sharded(
+    sharded: dict[str, Any],
+    common: dict[str, Any] | None,
+    check: ShardingCheck,
+    folder: Path,
+    group: dist.ProcessGroup | None,
+) -> None:
+    """The rest of megatron-core's ``dist_checkpointing.save``, with its functions: rank 0's
+    ``common.pt``, the check of the sharding (when it changed), the conversion to torch
+    DCP and the shard files. Collective over ``group`` (megatron's ``save`` runs its
+    collectives on the default group, which a background thread must not use while
+    training does, and checks the sharding on every save).
+
+    megatron asks the default group for the rank here. A process without one gets a
+    temporary one-rank group, on the thread that writes: for a background save, the
+    writer's, so that the ~10 ms of taking a gloo group down (its event loop's poll
+    interval) are not the training's. Safe because such a process has no other rank: its
+    training thread issues no collective and asks torch.distributed nothing while a save is
+    in flight (a one-process Trainer's steps, evaluation and logging are collective-free; a
+    save waits for the one in flight; checkpoint code that needs a group itself takes its
+    temporary one after the writer's is gone: ``_process_group``'s lock)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
+
     with _process_group():
-        sharded_part, common = save_preprocess(sharded, validate_access_integrity=False)
-        get_default_save_common_strategy().save_common(common, folder)  # rank 0 only
-        if temporary_group:
-            _check_sharding(sharded_part, check, folder, None)
-            return None, _to_dcp(sharded_part)
-    return sharded_part, None
+        if common is not None:
+            get_default_save_common_strategy().save_common(common, folder)  # rank 0 only
+        _check_sharding(sharded, check, folder, group)
+        shards = _to_dcp(sharded)
+    _write_shards(shards, folder, group)
 
 
 def _check_sharding(
@@ -397,6 +413,11 @@ def _write_shards(shards: dict[str, Any], folder: Path, group: dist.ProcessGroup
         save_config(CheckpointingConfig(_BACKEND, _BACKEND_VERSION), str(folder))
 
 
+# Held while a temporary one-rank group exists, so that one thread's (a background
+# writer's) is never taken for the process's own group, nor taken down under another user.
+_ONE_RANK_GROUP = threading.RLock()
+
+
 @contextlib.contextmanager
 def _process_group() -> Iterator[None]:
     """dist_checkpointing needs a process group: a single process gets a one-rank gloo
@@ -404,14 +425,17 @@ def _process_group() -> Iterator[None]:
     from parallel import cpu_compat
 
     cpu_compat.install()  # megatron's checkpointing calls torch.cuda (a no-op with CUDA)
-    if dist.is_initialized():
+    with _ONE_RANK_GROUP:  # no temporary group exists while it is held
+        initialized = dist.is_initialized()
+    if initialized:  # the process's own group
         yield
         return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    with _ONE_RANK_GROUP:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 def _pause_for_tests(step: int, rank: int, env: str = PAUSE_ENV) -> None:

@@ -17,6 +17,7 @@ sharding rules are ``parallel/sharding.py``'s; this module joins them for one ra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +253,8 @@ def load_trained(
 ) -> tuple[Config, Tokenizer, nn.Module, int]:
     """(config, tokenizer, single-process model with the weights of checkpoint ``step``
     (default: the newest complete one), its step) of a run, whatever the split that trained
-    it (the sharded tensors load whole)."""
+    it (the sharded tensors load whole). The tokenizer is the run's own (``run_tokenizer``:
+    never a new one); the config returned names it where it was found."""
     from pretrain.build import model_for, select_device, tokenizer_for
 
     run_dir = Path(run_dir)
@@ -273,7 +275,45 @@ def load_trained(
     verify_files(ckpt, meta)
     first = load_rank_file(ckpt, 0, meta)
     device = device or select_device(cfg)
+    cfg = run_tokenizer(cfg, run_dir)
     tokenizer = tokenizer_for(cfg)
     model = model_for(cfg, tokenizer.vocab_size, torch.device("cpu"))
     Checkpointer(model, None, ParallelDims.single()).load_weights(ckpt)
     return cfg, tokenizer, model.to(device), int(first["train"]["step"])
+
+
+def run_tokenizer(cfg: Config, run_dir: Path) -> Config:
+    """``cfg`` (a run's saved config) with ``data.tokenizer.path`` where the run's
+    sentencepiece model is; raises FileNotFoundError, naming the places looked in, when it
+    is in none. ``tokenizer_for`` trains a missing model, which for a trained model would
+    be a new vocabulary: the wrong ids, silently.
+
+    A relative path is relative to the folder the run was launched from (as ``run.dir``
+    is): the folder that holds ``run_dir`` as the config names it (``run.dir: runs/x``
+    found at ``/p/runs/x``: ``/p``), else the working directory."""
+    t = cfg.data.tokenizer
+    if t.kind != "sentencepiece":
+        return cfg
+    path = Path(t.path)
+    places = [path] if path.is_absolute() else [d / path for d in _launch_dirs(cfg, run_dir)]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        looked = ", ".join(str(p) for p in places)
+        raise FileNotFoundError(
+            f"the run's tokenizer {t.path} is not there (looked for {looked}; "
+            "data.tokenizer.path in its config.yaml); a trained model needs the tokenizer it "
+            "was trained with"
+        )
+    tokenizer = dataclasses.replace(t, path=str(found))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tokenizer))
+
+
+def _launch_dirs(cfg: Config, run_dir: Path) -> list[Path]:
+    """Where the run may have been launched from, likeliest first (see ``run_tokenizer``)."""
+    named, found = cfg.run_dir, Path(run_dir).resolve()
+    dirs = []
+    n = len(named.parts)
+    if not named.is_absolute() and 0 < n < len(found.parts) and found.parts[-n:] == named.parts:
+        dirs.append(found.parents[n - 1])
+    dirs.append(Path.cwd())
+    return list(dict.fromkeys(dirs))

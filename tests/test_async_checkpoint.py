@@ -9,7 +9,9 @@ Under torchrun (DP 2): a rank SIGKILLed while its background writer runs leaves 
 on the previous complete checkpoint, and the run resumes from there bit for bit. (The Slurm
 cluster test runs its preempted job with ``checkpoint.async=true`` too:
 tests/test_slurm_cluster.py.) And a ``latest`` that names a deleted checkpoint falls back to
-the newest complete one.
+the newest complete one. In a process without a process group, a background save creates no
+process group at the step (the writer makes the one megatron-core needs) and writes the same
+files as a synchronous save.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedTensor, state_dict_utils, validation
 from megatron.core.dist_checkpointing.serialization import load_plain_tensors
+from torch.distributed.checkpoint import FileSystemReader
 
 from pretrain.checkpoint import (
     LATEST,
@@ -151,6 +154,57 @@ def test_the_sharding_is_checked_again_when_it_changes() -> None:
         assert check.runs == 2
     finally:
         dist.destroy_process_group()
+
+
+def test_a_background_save_without_a_process_group_creates_none_at_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process, no process group (``seqboat train`` on one process): megatron-core's
+    steps that ask the default group for the rank run in the writer thread, which creates
+    the temporary one-rank group; the training thread creates none (taking a gloo group
+    down costs ~10 ms, most of what such a save blocked). Its files are the synchronous
+    save's, byte for byte (the same checksums)."""
+    from parallel.dims import ParallelDims
+    from pretrain.build import optimizer_for
+    from pretrain.checkpoint import read_meta
+    from pretrain.checkpointer import Checkpointer
+    from pretrain.config import ModelConfig, OptimizerConfig
+    from pretrain.model.lm import LanguageModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(layers=2, width=32, zdim=8, hdim=32, ndim=4, window=4, vocab_multiple=16)
+    model = LanguageModel(cfg, 50)
+    optimizer = optimizer_for(model, OptimizerConfig(lr=1e-2))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    created_on: list[str] = []
+    original = dist.init_process_group
+
+    def recorded(*args, **kwargs):
+        created_on.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", recorded)
+    assert not dist.is_initialized()
+    Checkpointer(model, optimizer, ParallelDims.single()).save(tmp_path / "sync", 1, {})
+    created_on.clear()
+    background = Checkpointer(model, optimizer, ParallelDims.single(), background=True)
+    try:
+        for step in (1, 2):  # the first save checks the sharding, the second does not
+            background.save(tmp_path / "async", step, {})
+            assert threading.current_thread().name not in created_on
+            background.wait()
+    finally:
+        background.close()
+    assert not dist.is_initialized()
+    assert created_on == ["checkpoint-writer"] * 2
+    sync, async_ = (tmp_path / r / "checkpoints" / "step_00000001" for r in ("sync", "async"))
+    # torch DCP's .metadata names its folder and a random save id; the rest must be equal.
+    files = read_meta(sync)["sha256"]
+    assert files == read_meta(async_)["sha256"] | {"model/.metadata": files["model/.metadata"]}
+    a, b = (FileSystemReader(c / "model").read_metadata() for c in (sync, async_))
+    assert (a.state_dict_metadata, a.storage_data) == (b.state_dict_metadata, b.storage_data)
 
 
 def test_a_stop_during_a_background_save_saves_and_stops(

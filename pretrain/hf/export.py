@@ -47,18 +47,8 @@ def load_checkpoint(run_dir: Path, step: int | None = None) -> Trained:
     """The run's model at ``step`` (default: its newest complete checkpoint), whatever the
     split that trained it."""
     from pretrain.checkpointer import load_trained
-    from pretrain.config import config_from_dict, parse_yaml
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        t = config_from_dict(parse_yaml(config_path.read_text())).data.tokenizer
-        if t.kind == "sentencepiece" and not Path(t.path).is_file():
-            # load_trained would train a new one: not the tokenizer the model was trained with.
-            raise ExportError(
-                f"the run's tokenizer {t.path} is not there (run from the folder the run was "
-                "trained in)"
-            )
     try:
         cfg, tokenizer, model, saved_step = load_trained(run_dir, torch.device("cpu"), step)
     except ValueError as e:  # a step the run has no checkpoint of
