@@ -425,17 +425,16 @@ def _process_group() -> Iterator[None]:
     from parallel import cpu_compat
 
     cpu_compat.install()  # megatron's checkpointing calls torch.cuda (a no-op with CUDA)
-    with _ONE_RANK_GROUP:  # no temporary group exists while it is held
-        initialized = dist.is_initialized()
-    if initialized:  # the process's own group
+    with _ONE_RANK_GROUP:  # another thread's temporary group is gone while it is held
+        temporary = not dist.is_initialized()
+        if temporary:  # checked and created under one hold: no other thread comes between
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            try:
+                yield
+            finally:
+                dist.destroy_process_group()
+    if not temporary:  # the process's own group
         yield
-        return
-    with _ONE_RANK_GROUP:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 def _pause_for_tests(step: int, rank: int, env: str = PAUSE_ENV) -> None:

@@ -38,10 +38,9 @@ class SpanStats:
     imbalance: tuple[float, float] | None = None
 
     @staticmethod
-    def total(parts: list[SpanStats | None]) -> SpanStats:
+    def total(parts: list[SpanStats]) -> SpanStats:
         return SpanStats(
-            distance_sum=sum(p.distance_sum for p in parts),  # type: ignore[union-attr]
-            pairs=sum(p.pairs for p in parts),  # type: ignore[union-attr]
+            distance_sum=sum(p.distance_sum for p in parts), pairs=sum(p.pairs for p in parts)
         )
 
 
@@ -199,7 +198,8 @@ class GatedAttentionUnit(nn.Module):
         if self.cp.dispatch_group() is None:
             attended = [self.attend(windows, collect_stats) for windows in sequences]
             outs = [out for out, _ in attended]
-            stats = SpanStats.total([s for _, s in attended]) if collect_stats else None
+            parts = [s for _, s in attended if s is not None]
+            stats = SpanStats.total(parts) if collect_stats else None
         else:
             out, stats = self._attend_dispatched(Windows.concat(sequences), collect_stats)
             outs = list(out.chunk(len(sequences)))
