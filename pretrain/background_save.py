@@ -1,86 +1,151 @@
-"""Writing checkpoints in the background (``checkpoint.async``).
+"""Writing checkpoints in the background (``checkpoint.async``), in a writer process.
 
 The step that saves only stages the checkpoint (``pretrain/checkpoint.py``
-``stage_checkpoint``: tensors copied to host memory, megatron's factories applied, the rank
-file serialized; no collective, no process group needed); a thread then does the rest
-(``write_checkpoint``: rank 0's ``common.pt``, the sharding check when the sharding changed,
-torch DCP's plan and the shard files, the rank file, barriers, checksums, ``meta.json``,
-rename, ``latest``). The thread's collectives run on a gloo group of their own, created once
-by every rank, so that they never interleave with the training's collectives on the default
-group (torch's ``dcp.async_save`` asks for the same). A process without a process group has
-no collective to interleave with: its writer makes the one-rank group megatron asks the rank
-of for the time of a write (``pretrain/checkpoint.py`` ``_write_sharded``).
+``stage_checkpoint``: tensors copied into host memory shared with the writer
+(``pretrain/host_memory.py``), megatron's factories applied, the rank file serialized; no
+collective, no process group needed) and hands it over: where each tensor lies in that
+memory, and the rest pickled. The writer process (``pretrain/checkpoint_writer.py``) does
+the rest (``write_checkpoint``: rank 0's ``common.pt``, the sharding check when the
+sharding changed, torch DCP's plan and the shard files, the rank file, barriers, checksums,
+``meta.json``, rename, ``latest``).
 
-One save is in flight at a time: the next save, the end of the run and a stop request wait
-for it. A rank killed while its writer runs leaves ``step_X.tmp`` unpublished, so ``latest``
-stays on the previous complete checkpoint.
+A process, not a thread: that work is mostly Python, and a thread doing it holds the GIL the
+training thread needs between its kernels. Measured on the tiny model (2-core CPU, one
+rank), the step after a thread's save ran about as long as a synchronous save had blocked,
+which undid the point of saving in the background (``bench/checkpoint_io.py``'s "step
+after" column). torch DCP's ``async_save`` offers a process for the same reason; Megatron-LM
+writes from a process too.
+
+The writers of all ranks form a gloo world of their own (rendezvous on the job's store
+under a prefix rank 0 draws), so their collectives never interleave with the training's. One
+save is in flight at a time: the next save, the end of the run and a stop request wait for
+it. A rank killed while its writer runs takes the writer with it and leaves ``step_X.tmp``
+unpublished, so ``latest`` stays on the previous complete checkpoint.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from multiprocessing.connection import Connection
 
 import torch.distributed as dist
 
-from pretrain.checkpoint import StagedCheckpoint, write_checkpoint
+from parallel.timeouts import CollectiveTimeout
+from parallel.world import detect_world
+from pretrain.checkpoint import ShardingCheck, StagedCheckpoint
+from pretrain.host_memory import HostMemory, dumps
+
+
+class BackgroundWriteError(RuntimeError):
+    """A background checkpoint write failed (in the writer process); ``timeout`` names the
+    collective when it was one that timed out (``parallel/timeouts.py``)."""
+
+    def __init__(self, message: str, timeout: CollectiveTimeout | None = None) -> None:
+        super().__init__(message)
+        self.timeout = timeout
 
 
 class BackgroundWriter:
-    """Writes one staged checkpoint at a time on a thread of its own. Collective to build
-    (every rank creates the writer's group) when a process group is initialized."""
+    """Writes one staged checkpoint at a time in a writer process of its own, started here.
+    Collective to build when a process group is initialized (rank 0 names the writers'
+    rendezvous); ``timeout_s`` bounds the writers' collectives. Build it on the thread that
+    lives as long as the run (the main thread): the writer dies with the thread that
+    started it (``PR_SET_PDEATHSIG``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 600) -> None:
         distributed = dist.is_available() and dist.is_initialized()
-        self.group = dist.new_group(backend="gloo") if distributed else None
-        self._jobs: queue.SimpleQueue[StagedCheckpoint | None] = queue.SimpleQueue()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._error: BaseException | None = None
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        spec: dict[str, object] = {
+            "rank": rank, "world_size": world_size, "timeout_s": timeout_s,
+            "parent": os.getpid(),
+        }  # fmt: skip
+        if world_size > 1:
+            world = detect_world()  # where the job's store is: the training's rendezvous
+            prefix = [uuid.uuid4().hex if rank == 0 else None]
+            dist.broadcast_object_list(prefix, src=0)
+            spec |= {"host": world.master_addr, "port": world.master_port}
+            spec["prefix"] = f"seqboat/checkpoint-writer/{prefix[0]}"
+        ours, theirs = socket.socketpair()
+        spec["fd"] = theirs.fileno()
+        self._process: subprocess.Popen | None = subprocess.Popen(
+            [sys.executable, "-m", "pretrain.checkpoint_writer", json.dumps(spec)],
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        self._socket = ours
+        self._conn = Connection(os.dup(ours.fileno()))
+        self.memory = HostMemory()  # the host copies of the tensors, shared with the writer
+        self._ready = False
+        self._in_flight: int | None = None  # the step being written
         # (step, seconds) of the writes completed and not yet reported: a write may end
         # after the next save has started, before anyone asked.
         self._written: list[tuple[int, float]] = []
-        self._lock = threading.Lock()
-        # One thread for the writer's life, waiting for work: a save hands its checkpoint
-        # over without waiting for a new thread to start (a few ms of the save's blocking
-        # time otherwise). A daemon: a process that dies mid-write leaves an unpublished
-        # step_X.tmp behind.
-        self._thread: threading.Thread | None = threading.Thread(
-            target=self._run, name="checkpoint-writer", daemon=True
-        )
-        self._thread.start()
+        self.sharding_checks = 0  # how many times the writer ran megatron's sharding check
 
     @property
     def in_flight(self) -> bool:
-        return not self._idle.is_set()
+        self._receive(block=False)
+        return self._in_flight is not None
 
     def submit(self, staged: StagedCheckpoint) -> None:
-        """Starts writing ``staged`` (after the save in flight, if any, is complete)."""
+        """Starts writing ``staged`` (after the save in flight, if any, is complete). Its
+        tensors must lie in ``self.memory`` (else they are sent by value)."""
         self.join()
-        self._idle.clear()
-        self._jobs.put(staged)
-
-    def _run(self) -> None:
-        while (staged := self._jobs.get()) is not None:
-            start = time.perf_counter()
+        self._await_ready()
+        new_file = self.memory.take_new_file()
+        if new_file is not None:  # a new layout of the buffers: the writer maps it once
+            fd, size = new_file
             try:
-                write_checkpoint(staged, self.group)
-            except BaseException as e:  # re-raised in the training thread by join()
-                self._error = e
-            else:
-                with self._lock:
-                    self._written.append((staged.step, time.perf_counter() - start))
+                self._conn.send(("memory", self.memory.generation, size))
+                socket.send_fds(self._socket, [b"m"], [fd])
             finally:
-                del staged  # hold nothing of it (rank file, tensors) until the next save
-                self._idle.set()
+                os.close(fd)
+        # The writer keeps its own sharding check: what it checked last is its memory.
+        staged = dataclasses.replace(staged, check=ShardingCheck(), timings={})
+        self._conn.send(("write", staged.step, dumps(staged, self.memory)))
+        self._in_flight = staged.step
+
+    def _await_ready(self) -> None:
+        """The first save waits for the writer to have started (imports, its world)."""
+        while not self._ready:
+            self._handle(self._recv())
+
+    def _recv(self) -> tuple:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            code = self._process.wait() if self._process is not None else None
+            raise BackgroundWriteError(
+                f"the checkpoint writer process died (exit code {code})"
+            ) from None
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            self._ready = True
+        elif kind == "done":
+            _, step, seconds, self.sharding_checks = message
+            self._written.append((step, seconds))
+            self._in_flight = None
+        else:  # "error"
+            _, text, timeout = message
+            self._in_flight = None
+            raise BackgroundWriteError(f"the background checkpoint write failed: {text}", timeout)
+
+    def _receive(self, block: bool) -> None:
+        while self._in_flight is not None and (block or self._conn.poll()):
+            self._handle(self._recv())
 
     def join(self) -> None:
         """Blocks until the save in flight is published; a failed write raises here."""
-        self._idle.wait()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"the background checkpoint write failed: {error}") from error
+        self._receive(block=True)
 
     def wait(self) -> list[tuple[int, float]]:
         """``join``, then (step, seconds the writing took) of each save completed since the
@@ -90,23 +155,22 @@ class BackgroundWriter:
 
     def poll(self) -> list[tuple[int, float]]:
         """(step, seconds) of each save completed since the last call, without blocking."""
-        with self._lock:
-            written, self._written = self._written, []
+        self._receive(block=False)
+        written, self._written = self._written, []
         return written
 
     def close(self) -> None:
-        """Waits for the save in flight, stops the thread, then takes the writer's group
-        down in step with the other ranks (collective): a rank that exits while a peer's
-        group still talks to it makes gloo abort that peer."""
-        if self._thread is None:
+        """Waits for the save in flight, then stops the writer, which leaves its world in
+        step with the other ranks' writers (collective)."""
+        if self._process is None:
             return
         try:
             self.join()
         finally:
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
-        if self.group is not None:
-            dist.barrier(self.group)
-            dist.destroy_process_group(self.group)
-            self.group = None
+            with contextlib.suppress(OSError):  # the writer may be gone already
+                self._conn.send(None)
+            self._process.wait()
+            self._process = None
+            self._conn.close()
+            self._socket.close()
+            self.memory.release()

@@ -21,15 +21,18 @@ reported by name; loading then falls back to the previous complete checkpoint.
 
 Test hook: ``SEQBOAT_CHECKPOINT_PAUSE=<step>:<path>`` makes the save of that step stop
 after this rank's files are written, create ``<path>.rank<N>`` (holding its pid), and wait
-until ``<path>`` exists -- a deterministic moment to kill a rank in the middle of a save.
+until ``<path>`` exists -- a deterministic moment to kill a rank in the middle of a save
+(the pid is the training process's, also when its writer process pauses).
 ``SEQBOAT_CHECKPOINT_WRITE_PAUSE`` does the same when ``write_checkpoint`` starts, before
 the rank writes anything but the files of the staging (ZeRO's): for the background writer of
 ``checkpoint.async``, training goes on meanwhile.
 
 A save is staged at the step (``stage_checkpoint``: what must be taken then; no collective
 and no process group) and written by ``write_checkpoint`` (the rest, collective over the
-group it is given), at once or by a background thread. megatron-core's check of the sharding
-runs on the first save and when the sharding changed (``ShardingCheck``), not on every save.
+default group), at once or by the writer process of ``checkpoint.async``
+(``pretrain/background_save.py``: there the default group is the writers' own world).
+megatron-core's check of the sharding runs on the first save and when the sharding changed
+(``ShardingCheck``), not on every save.
 
 Over 400 lines on purpose: the format's guarantees (write order, fsyncs, checksums,
 publication, fallback on load) hold only together, and are reviewed together here.
@@ -46,7 +49,6 @@ import os
 import re
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,12 +58,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pretrain.host_memory import HostMemory
+
 FORMAT_VERSION = 2
 LATEST = "latest"
 META = "meta.json"
 SHARDED = "model"  # the dist_checkpointing folder inside a step
 PAUSE_ENV = "SEQBOAT_CHECKPOINT_PAUSE"
 WRITE_PAUSE_ENV = "SEQBOAT_CHECKPOINT_WRITE_PAUSE"
+# The pid the test hooks report as this rank's: the training process's, also when a
+# checkpoint writer process of it writes (``pretrain/checkpoint_writer.py`` sets it).
+RANK_PID: int | None = None
 
 # Builds the sharded state dict to load into from this rank's loaded file (the optimizer's
 # state shapes are in it).
@@ -158,7 +165,7 @@ def stage_checkpoint(
     sizes: dict[str, int] | None = None,
     sharded: dict[str, Any] | None = None,
     extra: Callable[[Path], None] | None = None,
-    host_buffers: dict[Any, torch.Tensor] | None = None,
+    host_memory: HostMemory | None = None,
     check: ShardingCheck | None = None,
 ) -> StagedCheckpoint:
     """The part of a save that must happen at the step: rank 0 makes the ``step_X.tmp``
@@ -183,9 +190,9 @@ def stage_checkpoint(
             _barrier()  # every rank writes into the folder now
     common = None
     if sharded is not None:
-        if host_buffers is not None:
+        if host_memory is not None:
             with _timed(timings, "host_copy"):
-                sharded = _host_copy(sharded, host_buffers)
+                sharded = _host_copy(sharded, host_memory)
         with _timed(timings, "preprocess"):
             sharded, common = _preprocess(sharded)
     if extra is not None:
@@ -201,26 +208,25 @@ def stage_checkpoint(
     )  # fmt: skip
 
 
-def write_checkpoint(staged: StagedCheckpoint, group: dist.ProcessGroup | None = None) -> Path:
+def write_checkpoint(staged: StagedCheckpoint) -> Path:
     """Writes what ``stage_checkpoint`` kept in memory and publishes the checkpoint once
-    every rank has: collective over ``group`` (all ranks; default: the default group), so
-    that a background thread can run it on a group of its own."""
+    every rank has (collective when a process group is initialized)."""
     rank, world_size = _rank_and_world()
     root = checkpoint_dir(staged.run_dir)
     final = root / step_name(staged.step)
     tmp = _tmp_folder(staged.run_dir, staged.step)
     _pause_for_tests(staged.step, rank, WRITE_PAUSE_ENV)
-    _barrier(group)  # rank 0 made the folder (staging) before any rank writes into it
+    _barrier()  # rank 0 made the folder (staging) before any rank writes into it
     if staged.sharded is not None:
-        _write_sharded(staged.sharded, staged.common, staged.check, tmp / SHARDED, group)
+        _write_sharded(staged.sharded, staged.common, staged.check, tmp / SHARDED)
     path = tmp / rank_file(rank)
     with open(path, "wb") as f:
         f.write(staged.rank_file)
     _fsync(path)
     _pause_for_tests(staged.step, rank)
-    _barrier(group)  # every rank's files are complete
+    _barrier()  # every rank's files are complete
     own = _hash_own_files(tmp, rank)
-    checksums = {k: v for part in _gather(own, group) for k, v in part.items()}
+    checksums = {k: v for part in _gather(own) for k, v in part.items()}
     if rank == 0:
         meta = {
             "format": FORMAT_VERSION,
@@ -239,7 +245,7 @@ def write_checkpoint(staged: StagedCheckpoint, group: dist.ProcessGroup | None =
         _write_atomic(root / LATEST, final.name + "\n")
         if staged.keep_last > 0:
             _prune(root, staged.keep_last)
-    _barrier(group)
+    _barrier()
     return final
 
 
@@ -256,29 +262,33 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _host_copy(sharded: dict[str, Any], buffers: dict[Any, torch.Tensor]) -> dict[str, Any]:
+def _host_copy(sharded: dict[str, Any], memory: HostMemory) -> dict[str, Any]:
     """``sharded`` with every tensor (and sharded object) this rank writes copied to host
-    memory: into ``buffers`` (allocated on the first save, pinned for a GPU, and reused: a
-    copy into memory already touched is several times faster than a fresh clone),
-    non-blocking from a GPU. The copies other ranks write keep their metadata only (data
-    None). The caller must not reuse the buffers before the previous copy is written."""
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
+    memory: into ``memory``'s buffers (shared with the writer process; kept from save to
+    save while the tensors' layout does not change: a copy into memory already touched is
+    several times faster than a fresh clone), non-blocking from a GPU. The copies other
+    ranks write keep their metadata only (data None). The caller must not reuse the buffers
+    before the previous copy is written."""
+    from megatron.core.dist_checkpointing.dict_utils import (
+        dict_list_map_outplace,
+        nested_values,
+    )
     from megatron.core.dist_checkpointing.mapping import (
         ShardedObject,
         ShardedTensor,
         is_main_replica,
     )
 
-    on_gpu = False
+    def written(value: Any) -> bool:
+        return isinstance(value, ShardedTensor) and is_main_replica(value.replica_id)
 
-    def host(name: Any, t: torch.Tensor) -> torch.Tensor:
-        nonlocal on_gpu
-        buffer = buffers.get(name)
-        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
-            pin = t.device.type == "cuda"
-            buffer = buffers[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-        on_gpu |= t.device.type != "cpu"
-        return buffer.copy_(t.detach(), non_blocking=True)
+    specs = {
+        (v.key, v.global_offset): (v.data.shape, v.data.dtype)
+        for v in nested_values(sharded)
+        if written(v)
+    }
+    buffers = memory.buffers(specs)
+    on_gpu = False
 
     def with_data(value: ShardedTensor | ShardedObject, data: Any) -> Any:
         # A shallow copy, not ``dataclasses.replace``: that re-runs megatron's checks of the
@@ -288,14 +298,17 @@ def _host_copy(sharded: dict[str, Any], buffers: dict[Any, torch.Tensor]) -> dic
         return out
 
     def copy_one(value: Any) -> Any:
+        nonlocal on_gpu
+        if written(value):
+            on_gpu |= value.data.device.type != "cpu"
+            buffer = buffers[value.key, value.global_offset]
+            return with_data(value, buffer.copy_(value.data.detach(), non_blocking=True))
         if isinstance(value, ShardedTensor | ShardedObject) and not is_main_replica(
             value.replica_id
         ):
             # Another copy (data/context-parallel) writes it: its data is never read, and
             # copying it would multiply the copy by the number of copies.
             return with_data(value, None)
-        if isinstance(value, ShardedTensor):
-            return with_data(value, host((value.key, value.global_offset), value.data))
         if isinstance(value, ShardedObject):
             return with_data(value, copy.deepcopy(value.data))
         return copy.deepcopy(value)
@@ -318,7 +331,7 @@ def _preprocess(sharded: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 
     from parallel import cpu_compat
 
-    cpu_compat.install()  # here, on the training thread: not by the writer while training runs
+    cpu_compat.install()
     return save_preprocess(sharded, validate_access_integrity=False)
 
 
@@ -327,48 +340,36 @@ def _write_sharded(
     common: dict[str, Any] | None,
     check: ShardingCheck,
     folder: Path,
-    group: dist.ProcessGroup | None,
 ) -> None:
     """The rest of megatron-core's ``dist_checkpointing.save``, with its functions: rank 0's
     ``common.pt``, the check of the sharding (when it changed), the conversion to torch
-    DCP and the shard files. Collective over ``group`` (megatron's ``save`` runs its
-    collectives on the default group, which a background thread must not use while
-    training does, and checks the sharding on every save).
-
-    megatron asks the default group for the rank here. A process without one gets a
-    temporary one-rank group, on the thread that writes: for a background save, the
-    writer's, so that the ~10 ms of taking a gloo group down (its event loop's poll
-    interval) are not the training's. Safe because such a process has no other rank: its
-    training thread issues no collective and asks torch.distributed nothing while a save is
-    in flight (a one-process Trainer's steps, evaluation and logging are collective-free; a
-    save waits for the one in flight; checkpoint code that needs a group itself takes its
-    temporary one after the writer's is gone: ``_process_group``'s lock)."""
+    DCP and the shard files (megatron's ``save`` itself would check the sharding on every
+    save). Collective; megatron asks the default group for the rank here, so a process
+    without one gets a temporary one-rank group."""
     from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
 
     with _process_group():
         if common is not None:
             get_default_save_common_strategy().save_common(common, folder)  # rank 0 only
-        _check_sharding(sharded, check, folder, group)
+        _check_sharding(sharded, check, folder)
         shards = _to_dcp(sharded)
-    _write_shards(shards, folder, group)
+    _write_shards(shards, folder)
 
 
-def _check_sharding(
-    sharded: dict[str, Any], check: ShardingCheck, folder: Path, group: dist.ProcessGroup | None
-) -> None:
+def _check_sharding(sharded: dict[str, Any], check: ShardingCheck, folder: Path) -> None:
     """megatron-core's check of the sharding (``ShardingCheck``: when it changed) of every
-    rank's ``sharded``, gathered over ``group``; raises on every rank if it fails, so that
-    none goes on into the writing collectives. Collective over ``group``."""
+    rank's ``sharded``, gathered; raises on every rank if it fails, so that none goes on
+    into the writing collectives. Collective."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    sharding = _gather([t.without_data() for t in nested_values(sharded)], group)
+    sharding = _gather([t.without_data() for t in nested_values(sharded)])
     error = None
     if _rank_and_world()[0] == 0:
         try:
             check(sharding)
         except CheckpointError as e:
             error = f"{folder}: {e}"
-    errors = [e for e in _gather(error, group) if e is not None]
+    errors = [e for e in _gather(error) if e is not None]
     if errors:
         raise CheckpointError(errors[0])
 
@@ -385,9 +386,9 @@ def _to_dcp(sharded: dict[str, Any]) -> dict[str, Any]:
     return mcore_to_pyt_state_dict(flat, False)
 
 
-def _write_shards(shards: dict[str, Any], folder: Path, group: dist.ProcessGroup | None) -> None:
+def _write_shards(shards: dict[str, Any], folder: Path) -> None:
     """This rank's shard file and megatron-core's ``metadata.json`` (rank 0): the rest of
-    its ``dist_checkpointing.save``. Collective over ``group``.
+    its ``dist_checkpointing.save``. Collective.
 
     megatron's own writer forks a writer process per save and reports through a spawned
     ``Manager`` process: that fails in daemonic processes, leaves orphans when a rank is
@@ -406,16 +407,10 @@ def _write_shards(shards: dict[str, Any], folder: Path, group: dist.ProcessGroup
             folder, single_file_per_rank=True, sync_files=True, thread_count=1
         ),
         planner=MCoreSavePlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
-        process_group=group,
         no_dist=world_size == 1,
     )
     if rank == 0:
         save_config(CheckpointingConfig(_BACKEND, _BACKEND_VERSION), str(folder))
-
-
-# Held while a temporary one-rank group exists, so that one thread's (a background
-# writer's) is never taken for the process's own group, nor taken down under another user.
-_ONE_RANK_GROUP = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -425,16 +420,14 @@ def _process_group() -> Iterator[None]:
     from parallel import cpu_compat
 
     cpu_compat.install()  # megatron's checkpointing calls torch.cuda (a no-op with CUDA)
-    with _ONE_RANK_GROUP:  # another thread's temporary group is gone while it is held
-        temporary = not dist.is_initialized()
-        if temporary:  # checked and created under one hold: no other thread comes between
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-            try:
-                yield
-            finally:
-                dist.destroy_process_group()
-    if not temporary:  # the process's own group
+    if dist.is_initialized():
         yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _pause_for_tests(step: int, rank: int, env: str = PAUSE_ENV) -> None:
@@ -444,7 +437,7 @@ def _pause_for_tests(step: int, rank: int, env: str = PAUSE_ENV) -> None:
     if not path or int(at) != step:
         return
     release = Path(path)
-    Path(f"{path}.rank{rank}").write_text(str(os.getpid()))
+    Path(f"{path}.rank{rank}").write_text(str(RANK_PID or os.getpid()))
     while not release.exists():
         time.sleep(0.05)
 
@@ -634,18 +627,18 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier(group: dist.ProcessGroup | None = None) -> None:
+def _barrier() -> None:
     if _rank_and_world()[1] > 1:
-        dist.barrier(group)
+        dist.barrier()
 
 
-def _gather(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+def _gather(obj: Any) -> list[Any]:
     """``obj`` from every rank, in rank order (just ``[obj]`` on one process)."""
     world_size = _rank_and_world()[1]
     if world_size == 1:
         return [obj]
     out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj, group=group)
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -90,7 +90,9 @@ class Checkpointer:
     ``model``: this rank's model (its pipeline chunks as one module named like the whole
     model); ``optimizer``: its torch optimizer (None: weights only); ``zero``: the DeepSpeed
     engine when the optimizer state is DeepSpeed's; ``spread``: share the writing out over
-    the data/context copies (else copy 0 writes everything)."""
+    the data/context copies (else copy 0 writes everything); ``background``: saves are
+    written by a writer process (``checkpoint.async``), whose collectives ``timeout_s``
+    bounds."""
 
     def __init__(
         self,
@@ -100,18 +102,20 @@ class Checkpointer:
         zero: ZeroEngine | None = None,
         spread: bool = True,
         background: bool = False,
+        timeout_s: float = 600,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.dims = dims
         self.zero = zero
         self.spread = spread
-        # checkpoint.async: saves are written and published by a background thread, from
-        # host copies of the tensors kept from save to save.
-        self.writer = BackgroundWriter() if background else None
-        self.host_buffers: dict[Any, torch.Tensor] = {}
-        # The sharding is checked on the first save and when it changes, not on every save.
+        # checkpoint.async: saves are written and published by a writer process, from host
+        # copies of the tensors in memory it shares (kept from save to save).
+        self.writer = BackgroundWriter(timeout_s) if background else None
+        # The sharding is checked on the first save and when it changes, not on every save
+        # (by the writer process for background saves: it keeps its own check).
         self.sharding_check = ShardingCheck()
+        self._closed_writer_checks = 0
         # Seconds of each part of the last save's blocking time (profiling: the bench).
         self.timings: dict[str, float] = {}
 
@@ -184,7 +188,7 @@ class Checkpointer:
         staged = stage_checkpoint(
             run_dir, step, {**state, "optimizer": record}, keep_last, self.dims.sizes(), sharded,
             None if zero is None else lambda folder: zero.save(folder / ZERO_DIR, ZERO_TAG),
-            self.host_buffers if background else None, self.sharding_check,
+            self.writer.memory if background else None, self.sharding_check,
         )  # fmt: skip
         staged_at = time.perf_counter()
         if background:
@@ -207,12 +211,22 @@ class Checkpointer:
         """Like ``wait`` without blocking."""
         return self.writer.poll() if self.writer is not None else []
 
+    @property
+    def sharding_checks(self) -> int:
+        """How many times megatron-core's sharding check ran for this checkpointer's saves
+        (here and in its writer process)."""
+        writer = self.writer.sharding_checks if self.writer is not None else 0
+        return self.sharding_check.runs + self._closed_writer_checks + writer
+
     def close(self) -> None:
         """Waits for a background save in flight and releases the writer (collective); later
         saves are synchronous."""
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            try:
+                self.writer.close()
+            finally:
+                self._closed_writer_checks += self.writer.sharding_checks
+                self.writer = None
 
     def restore(self, run_dir: Path) -> Restored | None:
         """Loads the newest usable checkpoint of ``run_dir`` into the model and optimizer

@@ -294,7 +294,12 @@ class Trainer:
         self.metrics = StepMetrics(cfg, self.model.padded_vocab, dims.world.world_size)
         self.stragglers = StragglerReport(dims, t.straggler_threshold)
         self.checkpointer = Checkpointer(
-            self.model, self.optimizer, dims, self.zero, background=cfg.checkpoint.async_save
+            self.model,
+            self.optimizer,
+            dims,
+            self.zero,
+            background=cfg.checkpoint.async_save,
+            timeout_s=t.timeout_s,
         )
         dp_rank, dp_size = dims.dp_rank, dims.dp_size
         loader = PretrainLoader(
