@@ -47,7 +47,9 @@ def collective_timeout(error: BaseException) -> CollectiveTimeout | None:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        found = _from_traceback(error)
+        # An error raised for one that happened in another process (a checkpoint writer's)
+        # carries what that process read from its traceback.
+        found = getattr(error, "collective_timeout", None) or _from_traceback(error)
         if found is not None:
             return found
         error = error.__cause__ or error.__context__

@@ -44,12 +44,13 @@ from pretrain.host_memory import HostMemory, dumps
 
 
 class BackgroundWriteError(RuntimeError):
-    """A background checkpoint write failed (in the writer process); ``timeout`` names the
-    collective when it was one that timed out (``parallel/timeouts.py``)."""
+    """A background checkpoint write failed (in the writer process); ``collective_timeout``
+    names the collective when it was one that timed out (``parallel/timeouts.py`` reads it,
+    so the CLI reports it as it reports the training's own)."""
 
     def __init__(self, message: str, timeout: CollectiveTimeout | None = None) -> None:
         super().__init__(message)
-        self.timeout = timeout
+        self.collective_timeout = timeout
 
 
 class BackgroundWriter:

@@ -29,6 +29,8 @@ from megatron.core.dist_checkpointing import ShardedTensor, state_dict_utils, va
 from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 from torch.distributed.checkpoint import FileSystemReader
 
+from parallel.dims import ParallelDims
+from parallel.timeouts import CollectiveTimeout, collective_timeout
 from pretrain.checkpoint import (
     LATEST,
     PAUSE_ENV,
@@ -40,6 +42,7 @@ from pretrain.checkpoint import (
     load_latest,
     save_checkpoint,
 )
+from pretrain.checkpointer import Checkpointer
 from pretrain.monitor import read_metrics
 from pretrain.train import Preempted, Trainer
 from testing.local import finish_launch, launch_train, paused_ranks, subprocess_env
@@ -166,21 +169,10 @@ def test_a_background_save_is_written_by_another_process(
     sharding check run: the writer process does all that, so its Python work never holds
     this process's GIL), checks the sharding once for two saves, and writes the files of the
     synchronous save, byte for byte (the same checksums)."""
-    from parallel.dims import ParallelDims
     from pretrain import checkpoint
-    from pretrain.build import optimizer_for
     from pretrain.checkpoint import read_meta
-    from pretrain.checkpointer import Checkpointer
-    from pretrain.config import ModelConfig, OptimizerConfig
-    from pretrain.model.lm import LanguageModel
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(layers=2, width=32, zdim=8, hdim=32, ndim=4, window=4, vocab_multiple=16)
-    model = LanguageModel(cfg, 50)
-    optimizer = optimizer_for(model, OptimizerConfig(lr=1e-2))
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    optimizer.step()
+    model, optimizer = _small_model()
     Checkpointer(model, optimizer, ParallelDims.single()).save(tmp_path / "sync", 1, {})
     here: list[str] = []
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: here.append("group"))
@@ -201,6 +193,57 @@ def test_a_background_save_is_written_by_another_process(
     assert files == read_meta(async_)["sha256"] | {"model/.metadata": files["model/.metadata"]}
     a, b = (FileSystemReader(c / "model").read_metadata() for c in (sync, async_))
     assert (a.state_dict_metadata, a.storage_data) == (b.state_dict_metadata, b.storage_data)
+
+
+def _small_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A 2-layer model and its AdamW with state (one step on random gradients)."""
+    from pretrain.build import optimizer_for
+    from pretrain.config import ModelConfig, OptimizerConfig
+    from pretrain.model.lm import LanguageModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(layers=2, width=32, zdim=8, hdim=32, ndim=4, window=4, vocab_multiple=16)
+    model = LanguageModel(cfg, 50)
+    optimizer = optimizer_for(model, OptimizerConfig(lr=1e-2))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    return model, optimizer
+
+
+def _save_alone(rank: int, world: int, root: str) -> CollectiveTimeout | None:
+    """Rank 0 saves, rank 1 does not: rank 0's writer waits in the writers' first barrier
+    until their timeout; rank 0's next wait raises what timed out."""
+    from pretrain.background_save import BackgroundWriteError
+    from testing.local import gloo_world
+
+    with gloo_world(rank, world):
+        model, optimizer = _small_model()
+        background = Checkpointer(
+            model, optimizer, ParallelDims.single(), background=True, timeout_s=3
+        )
+        error = None
+        if rank == 0:
+            background.save(Path(root), 1, {})
+            with pytest.raises(BackgroundWriteError) as raised:
+                background.wait()
+            error = collective_timeout(raised.value)
+        dist.barrier()
+        background.close()  # the writers leave their world together, the failed one too
+    return error
+
+
+def test_a_writer_collective_that_times_out_is_named(tmp_path: Path) -> None:
+    """A background write whose collective times out (the other rank's writer never came)
+    fails the training rank's next wait with what ``parallel/timeouts.py`` reads from a
+    collective's timeout, as for the training's own: the barrier, over ranks 0 and 1, in
+    ``pretrain/checkpoint.py``; both writers still stop in step."""
+    from testing.local import run_ranks
+
+    timeout, none = run_ranks(_save_alone, 2, str(tmp_path), timeout=120)
+    assert none is None and timeout is not None
+    assert (timeout.collective, timeout.ranks) == ("barrier", [0, 1])
+    assert timeout.call_site.startswith("pretrain/checkpoint.py:")
 
 
 def test_a_stop_during_a_background_save_saves_and_stops(
