@@ -9,7 +9,12 @@ reported, each part timed after a garbage collection (``settle``). Beside the sy
 save, the same save with ``checkpoint.async``: the time training is blocked (staging: host
 copies of the tensors, megatron's factories, the rank file) and the time until the
 background writer has published it; ``--profile`` adds the parts of the blocked time
-(``Checkpointer.timings``). Bytes per rank: the files a rank wrote (its shard
+(``Checkpointer.timings``). What training loses to a save is more than the time it was
+blocked: the writer competes for the CPU (and, were it a thread, for the GIL) while the next
+steps run. So each case also times the training steps (forward, backward, AdamW; one
+sequence of ``--step-tokens``) right after a save, as many as cover the async writing time
+(at least ``--steps``), against the same steps with no save in flight: "lost" is blocked
+time + those steps' extra time, for the synchronous save and the async one. Bytes per rank: the files a rank wrote (its shard
 file and its ``rank_XXXXX.pt``; rank 0 also the shared metadata). With 1 rank, also one
 process without a process group ("no group": ``seqboat train`` on one process), where
 the background writer makes the one-rank group megatron-core asks the rank of.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import re
 import sys
 import tempfile
@@ -70,17 +76,48 @@ def build(shape: str, tp_size: int, grouped: bool = True):
     return model, Checkpointer(model, optimizer, dims), background
 
 
-def measure(shape: str, tp_size: int, repeats: int, root: Path, grouped: bool = True) -> dict:
+def training_steps(model, tokens: int):
+    """A function running n training steps of ``model`` (one sequence of ``tokens`` random
+    ids each, its own AdamW: the checkpointed optimizer's state is left alone)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(0))
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            logits, _ = model(ids)
+            logits.float().square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(
+    shape: str, tp_size: int, repeats: int, root: Path, steps: int, tokens: int,
+    grouped: bool = True,
+) -> dict:  # fmt: skip
     import torch.distributed as dist
 
     model, checkpointer, background = build(shape, tp_size, grouped)
     world = dist.get_world_size() if grouped else 0
     run_dir = root / f"{shape}-tp{tp_size}-w{world}"
+    train = training_steps(model, tokens)
+    train(1)  # warm-up
+    one_step = slowest(timed(lambda: train(1)))
     saves, loads, blocked, published, parts = [], [], [], [], []
+    alone, lost_sync, lost_async = [], [], []
     for step in range(1, repeats + 1):
         settle()
         start = time.perf_counter()
-        checkpointer.save(run_dir, 2 * step - 1, {}, keep_last=1)  # steps in order: see _prune
+        checkpointer.save(run_dir, 4 * step - 3, {}, keep_last=1)  # steps in order: see _prune
         saves.append(slowest(time.perf_counter() - start))
         settle()
         start = time.perf_counter()
@@ -88,19 +125,37 @@ def measure(shape: str, tp_size: int, repeats: int, root: Path, grouped: bool = 
         loads.append(slowest(time.perf_counter() - start))
         settle()
         start = time.perf_counter()
-        background.save(run_dir, 2 * step, {}, keep_last=1)
+        background.save(run_dir, 4 * step - 2, {}, keep_last=1)
         blocked.append(slowest(time.perf_counter() - start))
         parts.append({k: slowest(v) for k, v in background.timings.items()})
         background.wait()
         published.append(slowest(time.perf_counter() - start))
+        if steps:  # the steps alone, then after each kind of save
+            n = max(steps, math.ceil(published[-1] / one_step))  # every rank's the same
+            settle()
+            alone.append(slowest(timed(lambda: train(n))))  # noqa: B023 (called at once)
+            for saver, lost, number in ((checkpointer, lost_sync, 4 * step - 1),
+                                        (background, lost_async, 4 * step)):  # fmt: skip
+                settle()
+                start = time.perf_counter()
+                saver.save(run_dir, number, {}, keep_last=1)
+                train(n)
+                lost.append(slowest(time.perf_counter() - start) - alone[-1])
+                background.wait()
     background.close()
-    ckpt = run_dir / "checkpoints" / f"step_{2 * repeats:08d}"  # the last, async one
+    ckpt = run_dir / "checkpoints" / f"step_{4 * repeats - (0 if steps else 2):08d}"  # async
     params = sum(p.numel() for p in model.parameters())
     return {
         "save_s": min(saves), "load_s": min(loads), "bytes": owned_bytes(ckpt),
         "local_params": params, "blocked_s": min(blocked), "published_s": min(published),
         "parts": parts[blocked.index(min(blocked))],  # of the least blocked async save
+        "steps_s": min(alone, default=0.0), "steps": n if steps else 0, "lost_sync_s": _median(lost_sync),
+        "lost_async_s": _median(lost_async),
     }  # fmt: skip
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")
 
 
 def settle() -> None:
@@ -137,7 +192,9 @@ def owned_bytes(ckpt: Path) -> list[int]:
     return out
 
 
-def worker(rank: int, world: int, repeats: int, root: str, shapes: list[str]) -> list[dict]:
+def worker(
+    rank: int, world: int, repeats: int, root: str, shapes: list[str], steps: int, tokens: int
+) -> list[dict]:
     warnings.simplefilter("ignore")  # megatron-core's notes about Apex / TE / CUDA on CPU
     from testing.local import gloo_world
 
@@ -145,12 +202,12 @@ def worker(rank: int, world: int, repeats: int, root: str, shapes: list[str]) ->
     with gloo_world(rank, world):
         for shape in shapes:
             for tp_size, dp_size in LAYOUTS[world]:
-                result = measure(shape, tp_size, repeats, Path(root))
+                result = measure(shape, tp_size, repeats, Path(root), steps, tokens)
                 layout = {"world": world, "tp": tp_size, "dp": dp_size}
                 results.append({"shape": shape, **layout, **result})
     if world == 1:  # and as one process without a process group, like `seqboat train`
         for shape in shapes:
-            result = measure(shape, 1, repeats, Path(root), grouped=False)
+            result = measure(shape, 1, repeats, Path(root), steps, tokens, grouped=False)
             results.append({"shape": shape, "world": 1, "tp": 0, "dp": 0, **result})
     return results
 
@@ -169,6 +226,10 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="also the parts of the async blocked time"
     )
+    parser.add_argument(
+        "--steps", type=int, default=4, help="training steps timed after a save (0: none)"
+    )
+    parser.add_argument("--step-tokens", type=int, default=128, help="tokens per step")
     args = parser.parse_args()
     print(f"fp32 model + AdamW state, CPU/gloo, best of {args.repeats}; slowest rank's time")
     print("async blocked: training blocked by a checkpoint.async save; published: until the")
@@ -183,7 +244,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         rows = []
         for world in args.world:
-            rows.extend(run_ranks(worker, world, args.repeats, root, args.shapes, timeout=3600)[0])
+            rows.extend(
+                run_ranks(
+                    worker, world, args.repeats, root, args.shapes, args.steps, args.step_tokens,
+                    timeout=3600,
+                )[0]
+            )  # fmt: skip
     for r in sorted(rows, key=lambda r: (list(SHAPES).index(r["shape"]), r["world"])):
         per_rank = " ".join(f"{b / 2**20:.2f}" for b in r["bytes"])
         layout = layout_name(r)
@@ -193,8 +259,33 @@ def main() -> None:
             f"{r['blocked_s']:>15.3f} | {r['blocked_s'] / r['save_s']:>5.2f} | "
             f"{r['published_s']:>11.3f} | {per_rank:>24} | {sum(r['bytes']) / 2**20:>9.2f}"
         )
+    if args.steps:
+        print_lost(rows, args.steps, args.step_tokens)
     if args.profile:
         print_parts(rows)
+
+
+def print_lost(rows: list[dict], steps: int, tokens: int) -> None:
+    """Training time lost to a save: blocked + the extra time of the next steps (median of
+    the repeats), for each kind of save; ratio: async lost / sync lost."""
+    print(
+        f"\ntraining time lost to a save: blocked + extra time of the n steps after it "
+        f"(n >= {steps}: covering the async write; {tokens} tokens each) against the same "
+        "steps alone; median of the repeats"
+    )
+    header = (
+        f"{'shape':>5} | {'ranks':>5} | {'layout':>9} | {'n':>3} | {'steps alone s':>13} | "
+        f"{'sync lost s':>11} | {'async lost s':>12} | {'ratio':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in sorted(rows, key=lambda r: (list(SHAPES).index(r["shape"]), r["world"])):
+        print(
+            f"{r['shape']:>5} | {r['world']:>5} | {layout_name(r):>9} | {r['steps']:>3} | "
+            f"{r['steps_s']:>13.3f} | "
+            f"{r['lost_sync_s']:>11.3f} | {r['lost_async_s']:>12.3f} | "
+            f"{r['lost_async_s'] / r['lost_sync_s']:>5.2f}"
+        )
 
 
 def print_parts(rows: list[dict]) -> None:

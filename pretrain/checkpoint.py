@@ -171,9 +171,9 @@ def stage_checkpoint(
     """The part of a save that must happen at the step: rank 0 makes the ``step_X.tmp``
     folder, megatron-core's factories are applied and the common (non-tensor) part split
     off, every rank serializes its state, and ``extra``'s files are written (collective
-    then: every rank waits for the folder). With ``host_buffers`` the tensors are copied
-    into host memory (those buffers, kept from save to save), so training may change the
-    originals while ``write_checkpoint`` runs in the background. Without ``extra`` nothing
+    then: every rank waits for the folder). With ``host_memory`` the tensors are copied
+    into its buffers (kept from save to save, shared with the writer process), so training
+    may change the originals while ``write_checkpoint`` runs in the background. Without ``extra`` nothing
     here needs a process group: all that does (``common.pt``, the sharding check, torch
     DCP's plan of the shard files, the barriers) and all that can wait is
     ``write_checkpoint``'s."""
