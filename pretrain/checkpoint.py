@@ -173,9 +173,9 @@ def stage_checkpoint(
     off, every rank serializes its state, and ``extra``'s files are written (collective
     then: every rank waits for the folder). With ``host_memory`` the tensors are copied
     into its buffers (kept from save to save, shared with the writer process), so training
-    may change the originals while ``write_checkpoint`` runs in the background. Without ``extra`` nothing
-    here needs a process group: all that does (``common.pt``, the sharding check, torch
-    DCP's plan of the shard files, the barriers) and all that can wait is
+    may change the originals while ``write_checkpoint`` runs in the background. Without
+    ``extra`` nothing here needs a process group: all that does (``common.pt``, the sharding
+    check, torch DCP's plan of the shard files, the barriers) and all that can wait is
     ``write_checkpoint``'s."""
     timings: dict[str, float] = {}
     rank, world_size = _rank_and_world()
@@ -279,15 +279,15 @@ def _host_copy(sharded: dict[str, Any], memory: HostMemory) -> dict[str, Any]:
         is_main_replica,
     )
 
-    def written(value: Any) -> bool:
-        return isinstance(value, ShardedTensor) and is_main_replica(value.replica_id)
-
-    specs = {
-        (v.key, v.global_offset): (v.data.shape, v.data.dtype)
+    written = [
+        v
         for v in nested_values(sharded)
-        if written(v)
-    }
-    buffers = memory.buffers(specs)
+        if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id)
+    ]
+    buffers = memory.buffers(
+        {(v.key, v.global_offset): (v.data.shape, v.data.dtype) for v in written}
+    )
+    written_ids = {id(v) for v in written}
     on_gpu = False
 
     def with_data(value: ShardedTensor | ShardedObject, data: Any) -> Any:
@@ -299,10 +299,10 @@ def _host_copy(sharded: dict[str, Any], memory: HostMemory) -> dict[str, Any]:
 
     def copy_one(value: Any) -> Any:
         nonlocal on_gpu
-        if written(value):
+        if id(value) in written_ids:
             on_gpu |= value.data.device.type != "cpu"
             buffer = buffers[value.key, value.global_offset]
-            return with_data(value, buffer.copy_(value.data.detach(), non_blocking=True))
+            return with_data(value, buffer.copy_(value.data, non_blocking=True))
         if isinstance(value, ShardedTensor | ShardedObject) and not is_main_replica(
             value.replica_id
         ):
@@ -313,7 +313,8 @@ def _host_copy(sharded: dict[str, Any], memory: HostMemory) -> dict[str, Any]:
             return with_data(value, copy.deepcopy(value.data))
         return copy.deepcopy(value)
 
-    out = dict_list_map_outplace(copy_one, sharded)
+    with torch.no_grad():
+        out = dict_list_map_outplace(copy_one, sharded)
     if on_gpu:
         torch.cuda.synchronize()  # the non-blocking copies are complete
     return out
