@@ -75,10 +75,12 @@ class BackgroundWriter:
             spec["prefix"] = f"seqboat/checkpoint-writer/{prefix[0]}"
         ours, theirs = socket.socketpair()
         spec["fd"] = theirs.fileno()
+        # No GPU for the writer: its tensors are in host memory, and a CUDA context would
+        # take device memory on every rank's GPU (megatron-core's CUDA calls go to the CPU).
         self._process: subprocess.Popen | None = subprocess.Popen(
             [sys.executable, "-m", "pretrain.checkpoint_writer", json.dumps(spec)],
-            pass_fds=[theirs.fileno()],
-        )
+            pass_fds=[theirs.fileno()], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        )  # fmt: skip
         theirs.close()
         self._socket = ours
         self._conn = Connection(os.dup(ours.fileno()))

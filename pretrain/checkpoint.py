@@ -266,9 +266,9 @@ def _host_copy(sharded: dict[str, Any], memory: HostMemory) -> dict[str, Any]:
     """``sharded`` with every tensor (and sharded object) this rank writes copied to host
     memory: into ``memory``'s buffers (shared with the writer process; kept from save to
     save while the tensors' layout does not change: a copy into memory already touched is
-    several times faster than a fresh clone), non-blocking from a GPU. The copies other
-    ranks write keep their metadata only (data None). The caller must not reuse the buffers
-    before the previous copy is written."""
+    several times faster than a fresh clone; not pinned, so a copy from a GPU is in effect
+    synchronous). The copies other ranks write keep their metadata only (data None). The
+    caller must not reuse the buffers before the previous copy is written."""
     from megatron.core.dist_checkpointing.dict_utils import (
         dict_list_map_outplace,
         nested_values,

@@ -78,6 +78,9 @@ def main(argv: list[str]) -> int:
     from pretrain.host_memory import HostMemory, loads
 
     torch.set_num_threads(1)  # the writer's tensor work is copies; the cores are training's
+    # Where the cores are all busy with training, the writer yields them (it has until the
+    # next save); on a node with idle cores this changes nothing.
+    os.nice(10)
     sock = socket.socket(fileno=spec["fd"])
     conn = Connection(os.dup(spec["fd"]))
     cpu_compat.install()  # megatron's checkpointing calls torch.cuda
