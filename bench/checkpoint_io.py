@@ -14,12 +14,12 @@ blocked: the writer competes for the CPU (and, were it a thread, for the GIL) wh
 steps run. So each case also times the training steps (forward, backward, AdamW; one
 sequence of ``--step-tokens``) right after a save, as many as cover the async writing time
 (at least ``--steps``), against the same steps with no save in flight: "lost" is blocked
-time + those steps' extra time, for the synchronous save and the async one. Bytes per rank: the files a rank wrote (its shard
-file and its ``rank_XXXXX.pt``; rank 0 also the shared metadata). With 1 rank, also one
-process without a process group ("no group": ``seqboat train`` on one process), where
-the background writer makes the one-rank group megatron-core asks the rank of.
+time + those steps' extra time, for the synchronous save and the async one. Bytes per rank:
+the files a rank wrote (its shard file and its ``rank_XXXXX.pt``; rank 0 also the shared
+metadata). With 1 rank, also one process without a process group ("no group": ``seqboat
+train`` on one process).
 
-    python bench/checkpoint_io.py               # tiny + big, 1 and 2 ranks, ~2-3 min on 2 cores
+    python bench/checkpoint_io.py               # tiny + big, 1 and 2 ranks
     python bench/checkpoint_io.py --world 1 2 4 --shapes tiny 125m --repeats 3 --profile
 """
 
@@ -149,8 +149,8 @@ def measure(
         "save_s": min(saves), "load_s": min(loads), "bytes": owned_bytes(ckpt),
         "local_params": params, "blocked_s": min(blocked), "published_s": min(published),
         "parts": parts[blocked.index(min(blocked))],  # of the least blocked async save
-        "steps_s": min(alone, default=0.0), "steps": n if steps else 0, "lost_sync_s": _median(lost_sync),
-        "lost_async_s": _median(lost_async),
+        "steps_s": min(alone, default=0.0), "steps": n if steps else 0,
+        "lost_sync_s": _median(lost_sync), "lost_async_s": _median(lost_async),
     }  # fmt: skip
 
 

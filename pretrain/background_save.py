@@ -11,10 +11,10 @@ sharding changed, torch DCP's plan and the shard files, the rank file, barriers,
 
 A process, not a thread: that work is mostly Python, and a thread doing it holds the GIL the
 training thread needs between its kernels. Measured on the tiny model (2-core CPU, one
-rank), the step after a thread's save ran about as long as a synchronous save had blocked,
-which undid the point of saving in the background (``bench/checkpoint_io.py``'s "step
-after" column). torch DCP's ``async_save`` offers a process for the same reason; Megatron-LM
-writes from a process too.
+rank), the steps after a thread's save lost as much time as a synchronous save blocks, which
+undid the point of saving in the background (``bench/checkpoint_io.py``'s "training time
+lost"; ``bench/RESULTS.md``). torch DCP's ``async_save`` offers a process for the same
+reason; Megatron-LM writes from a process too.
 
 The writers of all ranks form a gloo world of their own (rendezvous on the job's store
 under a prefix rank 0 draws), so their collectives never interleave with the training's. One
