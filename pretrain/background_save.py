@@ -69,6 +69,13 @@ class BackgroundWriter:
         }  # fmt: skip
         if world_size > 1:
             world = detect_world()  # where the job's store is: the training's rendezvous
+            if world.world_size != world_size:
+                raise RuntimeError(
+                    "checkpoint.async: the writers meet on the launcher's store "
+                    "(MASTER_ADDR/MASTER_PORT, as torchrun or srun set them), which this "
+                    f"process does not name (it sees a world of {world.world_size}, the "
+                    f"process group has {world_size})"
+                )
             prefix = [uuid.uuid4().hex if rank == 0 else None]
             dist.broadcast_object_list(prefix, src=0)
             spec |= {"host": world.master_addr, "port": world.master_port}

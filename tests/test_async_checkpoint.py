@@ -338,3 +338,17 @@ def test_latest_naming_a_deleted_checkpoint_falls_back_to_the_newest(
     state, path = load_latest(tmp_path)
     assert path.name == "step_00000003" and state["x"][0] == 3
     assert "names step_00000001, which is not a complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_writer_without_the_launchers_store_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process group of 2 made without the launcher's variables (no RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT): the writers could not meet, so building one says so at once."""
+    from pretrain.background_save import BackgroundWriter
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR/MASTER_PORT"):
+        BackgroundWriter()
