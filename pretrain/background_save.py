@@ -169,6 +169,18 @@ class BackgroundWriter:
         written, self._written = self._written, []
         return written
 
+    def abort(self) -> None:
+        """Kills the writer at once (a run that failed): a save in flight stays unpublished,
+        its ``step_X.tmp`` removed by the next restore, as when the process dies."""
+        if self._process is None:
+            return
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+        self._conn.close()
+        self._socket.close()
+        self.memory.release()
+
     def close(self) -> None:
         """Waits for the save in flight, then stops the writer, which leaves its world in
         step with the other ranks' writers (collective)."""

@@ -228,6 +228,14 @@ class Checkpointer:
                 self._closed_writer_checks += self.writer.sharding_checks
                 self.writer = None
 
+    def abort(self) -> None:
+        """For a run that failed: stops the writer without waiting (a save in flight stays
+        unpublished); later saves are synchronous. Not collective."""
+        if self.writer is not None:
+            self._closed_writer_checks += self.writer.sharding_checks
+            self.writer.abort()
+            self.writer = None
+
     def restore(self, run_dir: Path) -> Restored | None:
         """Loads the newest usable checkpoint of ``run_dir`` into the model and optimizer
         (resharded to this split); None when the run has none. A killed save's leftover

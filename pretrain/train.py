@@ -157,6 +157,9 @@ class Trainer:
                 self._log_background_save(monitor, self.checkpointer.wait())
                 self.checkpointer.close()
         finally:
+            # A run that failed: its writer process, its shared memory with it, goes now, not
+            # with this process (closed already when the run finished or stopped).
+            self.checkpointer.abort()
             self.loader.close()  # the data thread ends before the process may
             profiler.close()
             bar.close()

@@ -352,3 +352,22 @@ def test_a_writer_without_the_launchers_store_is_refused(monkeypatch: pytest.Mon
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     with pytest.raises(RuntimeError, match="MASTER_ADDR/MASTER_PORT"):
         BackgroundWriter()
+
+
+def test_a_failed_run_stops_its_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that raises (not a stop request) with a save in flight kills its writer process
+    at once instead of leaving it, and the memory it shares, to the end of the process."""
+    original = Trainer.train_step
+
+    def fail_at_step_6(self: Trainer, collect_stats: bool):
+        if self.step == 5:
+            raise RuntimeError("injected")
+        return original(self, collect_stats)
+
+    monkeypatch.setattr(Trainer, "train_step", fail_at_step_6)
+    trainer = Trainer(small_config(tmp_path / "run", "checkpoint.async=true"), progress=False)
+    process = trainer.checkpointer.writer._process
+    with pytest.raises(RuntimeError, match="injected"):
+        trainer.train()
+    assert trainer.checkpointer.writer is None
+    assert process.poll() is not None  # gone (reaped), not waiting for work
