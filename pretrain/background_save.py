@@ -99,14 +99,9 @@ class BackgroundWriter:
         self._written: list[tuple[int, float]] = []
         self.sharding_checks = 0  # how many times the writer ran megatron's sharding check
 
-    @property
-    def in_flight(self) -> bool:
-        self._receive(block=False)
-        return self._in_flight is not None
-
     def submit(self, staged: StagedCheckpoint) -> None:
         """Starts writing ``staged`` (after the save in flight, if any, is complete). Its
-        tensors must lie in ``self.memory`` (else they are sent by value)."""
+        tensors in ``self.memory`` are sent by place, any others by value."""
         self.join()
         self._await_ready()
         new_file = self.memory.take_new_file()
