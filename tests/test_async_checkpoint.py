@@ -11,6 +11,9 @@ cluster test runs its preempted job with ``checkpoint.async=true`` too:
 tests/test_slurm_cluster.py.) And a ``latest`` that names a deleted checkpoint falls back to
 the newest complete one. A background save is written by another process (nothing of it runs
 in the training process after the staging) and writes the same files as a synchronous save.
+The writer process: a collective of it that times out is named like the training's, a
+process group made without the launcher's store is refused, and a run that fails kills its
+writer at once.
 """
 
 from __future__ import annotations
