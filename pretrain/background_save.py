@@ -170,11 +170,7 @@ class BackgroundWriter:
         if self._process is None:
             return
         self._process.kill()
-        self._process.wait()
-        self._process = None
-        self._conn.close()
-        self._socket.close()
-        self.memory.release()
+        self._release()
 
     def close(self) -> None:
         """Waits for the save in flight, then stops the writer, which leaves its world in
@@ -186,8 +182,12 @@ class BackgroundWriter:
         finally:
             with contextlib.suppress(OSError):  # the writer may be gone already
                 self._conn.send(None)
-            self._process.wait()
-            self._process = None
-            self._conn.close()
-            self._socket.close()
-            self.memory.release()
+            self._release()
+
+    def _release(self) -> None:
+        """Once the writer is stopping: waits for it, then drops the channel and memory."""
+        self._process.wait()
+        self._process = None
+        self._conn.close()
+        self._socket.close()
+        self.memory.release()

@@ -66,7 +66,9 @@ class HostMemory:
         self.generation += 1
         self._layout = layout
         self._buffers = {
-            key: self.tensor(offset, shape, _contiguous_strides(shape), dtype)
+            key: self._bytes.narrow(0, offset, math.prod(shape) * dtype.itemsize)
+            .view(dtype)
+            .view(shape)
             for (key, shape, dtype), offset in zip(layout, offsets, strict=True)
         }
 
@@ -157,11 +159,3 @@ def _tensor_of_loading_memory(ref: Ref) -> torch.Tensor:
         mapped = memory.generation if memory is not None else None
         raise RuntimeError(f"a tensor of shared memory {generation}; mapped: {mapped}")
     return memory.tensor(offset, shape, stride, dtype)
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, n = [], 1
-    for s in reversed(shape):
-        strides.append(n)
-        n *= max(s, 1)
-    return tuple(reversed(strides))
