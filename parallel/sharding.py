@@ -23,7 +23,7 @@ loading needs it to build the tensors to load into.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +152,25 @@ def optimizer_sharded_state_dict(
     """``{"optimizer.<param key>.<state name>": ShardedTensor}``: the optimizer's current
     state, or, given a saved ``record``, empty tensors of the saved shapes to load into."""
     out = {}
+    for name, key, v, p in _optimizer_state(optimizer, model, record):
+        if _param_shaped(v, p):
+            out[key] = _sharded(key, v, p, place, name)
+        else:  # whole on every rank, saved as 1-d (megatron shards need a dimension)
+            out[key] = _sharded(key, v.reshape(-1), None, place, name)
+    return out
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Tensor]:
+    """The tensors of ``optimizer_sharded_state_dict``, keyed like it, as they are (no
+    megatron objects: a cheap look at what it would hold)."""
+    return {key: v for _, key, v, _ in _optimizer_state(optimizer, model)}
+
+
+def _optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, record: dict[str, Any] | None = None
+) -> Iterator[tuple[str, str, Tensor, Tensor]]:
+    """(parameter key, state key, state tensor, parameter) of each state tensor: the
+    current ones, or, given a saved ``record``, empty ones of the saved shapes."""
     for name, p in _named_params(optimizer, model):
         if record is None:
             items = optimizer.state.get(p, {}).items()
@@ -160,12 +179,7 @@ def optimizer_sharded_state_dict(
             specs = record["shapes"].get(name, {}).items()
             state = {k: _empty_state(spec, p) for k, spec in specs}
         for k, v in state.items():
-            key = f"{OPTIMIZER}{name}.{k}"
-            if _param_shaped(v, p):
-                out[key] = _sharded(key, v, p, place, name)
-            else:  # whole on every rank, saved as 1-d (megatron shards need a dimension)
-                out[key] = _sharded(key, v.reshape(-1), None, place, name)
-    return out
+            yield name, f"{OPTIMIZER}{name}.{k}", v, p
 
 
 def _empty_state(spec: dict[str, Any], p: Tensor) -> Tensor:

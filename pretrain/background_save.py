@@ -1,10 +1,10 @@
 """Writing checkpoints in the background (``checkpoint.async``), in a writer process.
 
-The step that saves only stages the checkpoint (``pretrain/checkpoint.py``
-``stage_checkpoint``: tensors copied into host memory shared with the writer
-(``pretrain/host_memory.py``), megatron's factories applied, the rank file serialized; no
-collective, no process group needed) and hands it over: where each tensor lies in that
-memory, and the rest pickled. The writer process (``pretrain/checkpoint_writer.py``) does
+The step that saves only stages the checkpoint (tensors copied into host memory shared
+with the writer, ``pretrain/host_staging.py``; the rest of ``pretrain/checkpoint.py``'s
+``stage_checkpoint``: the rank file serialized; no collective, no process group needed)
+and hands it over: the sharded state dict when its layout changed, with each tensor as its
+place in that memory (``pretrain/host_memory.py``), and the rest pickled. The writer process (``pretrain/checkpoint_writer.py``) does
 the rest (``write_checkpoint``: rank 0's ``common.pt``, the sharding check when the
 sharding changed, torch DCP's plan and the shard files, the rank file, barriers, checksums,
 ``meta.json``, rename, ``latest``).
@@ -40,7 +40,8 @@ import torch.distributed as dist
 from parallel.timeouts import CollectiveTimeout
 from parallel.world import detect_world
 from pretrain.checkpoint import ShardingCheck, StagedCheckpoint
-from pretrain.host_memory import HostMemory, dumps
+from pretrain.host_memory import dumps
+from pretrain.host_staging import HostStaging
 
 
 class BackgroundWriteError(RuntimeError):
@@ -91,7 +92,10 @@ class BackgroundWriter:
         theirs.close()
         self._socket = ours
         self._conn = Connection(os.dup(ours.fileno()))
-        self.memory = HostMemory()  # the host copies of the tensors, shared with the writer
+        # The host copies of the tensors, in memory shared with the writer, and the sharded
+        # state dict that describes them (built once per layout).
+        self.staging = HostStaging()
+        self._sent_sharded: dict | None = None  # the sharded state dict the writer holds
         self._ready = False
         self._in_flight: int | None = None  # the step being written
         # (step, seconds) of the writes completed and not yet reported: a write may end
@@ -101,20 +105,29 @@ class BackgroundWriter:
 
     def submit(self, staged: StagedCheckpoint) -> None:
         """Starts writing ``staged`` (after the save in flight, if any, is complete). Its
-        tensors in ``self.memory`` are sent by place, any others by value."""
+        tensors in ``self.staging.memory`` are sent by place, any others by value; its
+        sharded state dict only when it is not the one sent last (``HostStaging`` keeps the
+        same one while the layout does not change)."""
         self.join()
         self._await_ready()
-        new_file = self.memory.take_new_file()
+        memory = self.staging.memory
+        new_file = memory.take_new_file()
         if new_file is not None:  # a new layout of the buffers: the writer maps it once
             fd, size = new_file
             try:
-                self._conn.send(("memory", self.memory.generation, size))
+                self._conn.send(("memory", memory.generation, size))
                 socket.send_fds(self._socket, [b"m"], [fd])
             finally:
                 os.close(fd)
+        shards = None
+        if staged.sharded is not self._sent_sharded:  # (held here: no other can have its id)
+            shards = dumps((staged.sharded, staged.common), memory)
+            self._sent_sharded = staged.sharded
         # The writer keeps its own sharding check: what it checked last is its memory.
-        staged = dataclasses.replace(staged, check=ShardingCheck(), timings={})
-        self._conn.send(("write", staged.step, dumps(staged, self.memory)))
+        rest = dataclasses.replace(
+            staged, sharded=None, common=None, check=ShardingCheck(), timings={}
+        )
+        self._conn.send(("write", staged.step, dumps(rest, memory), shards))
         self._in_flight = staged.step
 
     def _await_ready(self) -> None:
@@ -190,4 +203,4 @@ class BackgroundWriter:
         self._process = None
         self._conn.close()
         self._socket.close()
-        self.memory.release()
+        self.staging.memory.release()

@@ -41,7 +41,6 @@ publication, fallback on load) hold only together, and are reviewed together her
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import io
 import json
@@ -57,8 +56,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from pretrain.host_memory import HostMemory
 
 FORMAT_VERSION = 2
 LATEST = "latest"
@@ -163,17 +160,16 @@ def stage_checkpoint(
     state: dict[str, Any],
     keep_last: int = 0,
     sizes: dict[str, int] | None = None,
-    sharded: dict[str, Any] | None = None,
+    sharded: dict[str, Any] | PreparedShards | None = None,
     extra: Callable[[Path], None] | None = None,
-    host_memory: HostMemory | None = None,
     check: ShardingCheck | None = None,
 ) -> StagedCheckpoint:
     """The part of a save that must happen at the step: rank 0 makes the ``step_X.tmp``
     folder, megatron-core's factories are applied and the common (non-tensor) part split
     off, every rank serializes its state, and ``extra``'s files are written (collective
-    then: every rank waits for the folder). With ``host_memory`` the tensors are copied
-    into its buffers (kept from save to save, shared with the writer process), so training
-    may change the originals while ``write_checkpoint`` runs in the background. Without
+    then: every rank waits for the folder). ``sharded`` may be prepared already
+    (``PreparedShards``: a background save's, whose tensors are host copies that training
+    cannot change while ``write_checkpoint`` runs; ``pretrain/host_staging.py``). Without
     ``extra`` nothing here needs a process group: all that does (``common.pt``, the sharding
     check, torch DCP's plan of the shard files, the barriers) and all that can wait is
     ``write_checkpoint``'s."""
@@ -181,30 +177,27 @@ def stage_checkpoint(
     rank, world_size = _rank_and_world()
     check = check if check is not None else ShardingCheck()
     tmp = _tmp_folder(run_dir, step)
-    with _timed(timings, "folder"):
+    with timed(timings, "folder"):
         if rank == 0:
             if tmp.exists():  # left by a save that was killed
                 shutil.rmtree(tmp)
             (tmp / SHARDED).mkdir(parents=True)
         if extra is not None:
             _barrier()  # every rank writes into the folder now
-    common = None
-    if sharded is not None:
-        if host_memory is not None:
-            with _timed(timings, "host_copy"):
-                sharded = _host_copy(sharded, host_memory)
-        with _timed(timings, "preprocess"):
-            sharded, common = _preprocess(sharded)
+    if isinstance(sharded, dict):
+        with timed(timings, "preprocess"):
+            sharded = preprocess_sharded(sharded)
+    prepared = sharded if sharded is not None else PreparedShards(None, None)
     if extra is not None:
-        with _timed(timings, "extra"):
+        with timed(timings, "extra"):
             extra(tmp)
-    with _timed(timings, "rank_file"):
+    with timed(timings, "rank_file"):
         buffer = io.BytesIO()
         torch.save(state, buffer)  # serialized now: the caller's objects may change afterwards
     layout = sizes or _data_parallel_only(world_size)
     return StagedCheckpoint(
-        Path(run_dir), step, keep_last, layout, buffer.getvalue(), sharded, common, check,
-        timings,
+        Path(run_dir), step, keep_last, layout, buffer.getvalue(), prepared.sharded,
+        prepared.common, check, timings,
     )  # fmt: skip
 
 
@@ -254,7 +247,7 @@ def _tmp_folder(run_dir: Path, step: int) -> Path:
 
 
 @contextlib.contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
@@ -262,78 +255,29 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _host_copy(sharded: dict[str, Any], memory: HostMemory) -> dict[str, Any]:
-    """``sharded`` with every tensor (and sharded object) this rank writes copied to host
-    memory: into ``memory``'s buffers (shared with the writer process; kept from save to
-    save while the tensors' layout does not change: a copy into memory already touched is
-    several times faster than a fresh clone; not pinned, so a copy from a GPU is in effect
-    synchronous). The copies other ranks write keep their metadata only (data None). The
-    caller must not reuse the buffers before the previous copy is written."""
-    from megatron.core.dist_checkpointing.dict_utils import (
-        dict_list_map_outplace,
-        nested_values,
-    )
-    from megatron.core.dist_checkpointing.mapping import (
-        ShardedObject,
-        ShardedTensor,
-        is_main_replica,
-    )
-
-    written = [
-        v
-        for v in nested_values(sharded)
-        if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id)
-    ]
-    buffers = memory.buffers(
-        {(v.key, v.global_offset): (v.data.shape, v.data.dtype) for v in written}
-    )
-    written_ids = {id(v) for v in written}
-    on_gpu = False
-
-    def with_data(value: ShardedTensor | ShardedObject, data: Any) -> Any:
-        # A shallow copy, not ``dataclasses.replace``: that re-runs megatron's checks of the
-        # unchanged metadata, a third of the copy's time for small tensors.
-        out = copy.copy(value)
-        out.data = data
-        return out
-
-    def copy_one(value: Any) -> Any:
-        nonlocal on_gpu
-        if id(value) in written_ids:
-            on_gpu |= value.data.device.type != "cpu"
-            buffer = buffers[value.key, value.global_offset]
-            return with_data(value, buffer.copy_(value.data, non_blocking=True))
-        if isinstance(value, ShardedTensor | ShardedObject) and not is_main_replica(
-            value.replica_id
-        ):
-            # Another copy (data/context-parallel) writes it: its data is never read, and
-            # copying it would multiply the copy by the number of copies.
-            return with_data(value, None)
-        if isinstance(value, ShardedObject):
-            return with_data(value, copy.deepcopy(value.data))
-        return copy.deepcopy(value)
-
-    with torch.no_grad():
-        out = dict_list_map_outplace(copy_one, sharded)
-    if on_gpu:
-        torch.cuda.synchronize()  # the non-blocking copies are complete
-    return out
-
-
 # megatron-core's ``torch_dist`` format (its ``metadata.json``), written through torch DCP.
 _BACKEND, _BACKEND_VERSION = "torch_dist", 1
 
 
-def _preprocess(sharded: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The first step of megatron-core's ``dist_checkpointing.save``, with its function: the
-    factories applied, the common (non-tensor) part split off. Needs no process group (the
-    check of the sharding, which does, is ``_write_sharded``'s)."""
+@dataclass
+class PreparedShards:
+    """A sharded state dict as ``write_checkpoint`` writes it: megatron-core's factories
+    applied (``sharded``), the common (non-tensor) part split off (``common``)."""
+
+    sharded: dict[str, Any] | None
+    common: dict[str, Any] | None
+
+
+def preprocess_sharded(sharded: dict[str, Any]) -> PreparedShards:
+    """The first step of megatron-core's ``dist_checkpointing.save``, with its function.
+    Needs no process group (the check of the sharding, which does, is
+    ``_write_sharded``'s)."""
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
     from parallel import cpu_compat
 
     cpu_compat.install()
-    return save_preprocess(sharded, validate_access_integrity=False)
+    return PreparedShards(*save_preprocess(sharded, validate_access_integrity=False))
 
 
 def _write_sharded(

@@ -15,9 +15,10 @@ save in flight is waited for.
 
 Messages over the socket given as its first argument (``multiprocessing.connection``):
 in, ``("memory", generation, size)`` followed by the memory file's descriptor, then
-``("write", step, dumped StagedCheckpoint)``, ``None`` to stop; out, ``("ready",)`` once the
-writers' world is up, then per write ``("done", step, seconds, sharding checks so far)`` or
-``("error", message, CollectiveTimeout | None)``.
+``("write", step, dumped StagedCheckpoint without its sharded state dict, dumped
+(sharded, common) or None: the same as the last write's)``, ``None`` to stop; out,
+``("ready",)`` once the writers' world is up, then per write ``("done", step, seconds,
+sharding checks so far)`` or ``("error", message, CollectiveTimeout | None)``.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> int:
     from parallel.timeouts import collective_timeout
     from pretrain import checkpoint
     from pretrain.checkpoint import ShardingCheck, write_checkpoint
-    from pretrain.host_memory import HostMemory, loads
+    from pretrain.host_memory import HostMemory, dumps, loads
 
     torch.set_num_threads(1)  # the writer's tensor work is copies; the cores are training's
     # Where the cores are all busy with training, the writer yields them (it has until the
@@ -87,6 +88,7 @@ def main(argv: list[str]) -> int:
     checkpoint.RANK_PID = spec["parent"]  # the test hooks name the rank, not its writer
     _join_writers(spec)
     memory, check = HostMemory(), ShardingCheck()
+    shards = dumps((None, None), memory)  # the sharded state dict sent last (pickled)
     conn.send(("ready",))
     while True:
         try:
@@ -102,7 +104,11 @@ def main(argv: list[str]) -> int:
             continue
         start = time.perf_counter()
         try:
-            staged = loads(message[2], memory)
+            _, _, rest, new_shards = message
+            shards = new_shards if new_shards is not None else shards
+            staged = loads(rest, memory)
+            # Unpickled for each write: megatron's conversion changes the dict it is given.
+            staged.sharded, staged.common = loads(shards, memory)
             staged.check = check  # the writer's: it remembers the sharding it checked
             write_checkpoint(staged)
             del staged

@@ -29,12 +29,15 @@ from torch import nn
 from parallel.dims import MODEL_SPLIT, ParallelDims, sizes_text
 from parallel.pipeline import merge_over_stages
 from parallel.sharding import (
+    MODEL,
     Place,
     load_model,
     load_optimizer,
     model_sharded_state_dict,
+    model_tensors,
     optimizer_record,
     optimizer_sharded_state_dict,
+    optimizer_tensors,
     spread_writes,
 )
 from pretrain.background_save import BackgroundWriter
@@ -48,6 +51,7 @@ from pretrain.checkpoint import (
     read_meta,
     remove_partial,
     stage_checkpoint,
+    timed,
     verify_files,
     write_checkpoint,
 )
@@ -136,9 +140,22 @@ class Checkpointer:
         tensors, keyed by global names."""
         place = self.place()
         sharded = model_sharded_state_dict(self.model, place)
-        if self.optimizer is not None and self.zero is None:
+        if self._saves_optimizer:
             sharded |= optimizer_sharded_state_dict(self.optimizer, self.model, place)
         return spread_writes(sharded, place) if self.spread else sharded
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``sharded_state_dict`` by its keys, as they are (no megatron
+        objects: cheap)."""
+        tensors = {MODEL + k: v for k, v in model_tensors(self.model).items()}
+        if self._saves_optimizer:
+            tensors |= optimizer_tensors(self.optimizer, self.model)
+        return tensors
+
+    @property
+    def _saves_optimizer(self) -> bool:
+        """Whether the optimizer's tensors are ours to save (not DeepSpeed's)."""
+        return self.optimizer is not None and self.zero is None
 
     def _template(self, state: dict[str, Any]) -> dict[str, Any]:
         """Tensors to load a checkpoint into, from its rank file's optimizer record."""
@@ -151,7 +168,7 @@ class Checkpointer:
         return template
 
     def _optimizer_record(self) -> dict[str, Any] | None:
-        if self.optimizer is None or self.zero is not None:
+        if not self._saves_optimizer:
             return None
         record = optimizer_record(self.optimizer, self.model)
         for key in ("shapes", "scalars"):  # every stage's, so any rank file will do
@@ -171,7 +188,7 @@ class Checkpointer:
 
         In the background (the default with a writer; ``background=False`` forces a
         synchronous save, after the one in flight): the tensors are copied to host memory
-        and the writer thread writes and publishes them while training goes on. DeepSpeed's
+        and the writer process writes and publishes them while training goes on. DeepSpeed's
         ZeRO files are written at once in either case (its engine writes them itself)."""
         start = time.perf_counter()
         background = self.writer is not None if background is None else background
@@ -179,28 +196,32 @@ class Checkpointer:
             self.writer.join()  # one save in flight at a time
         elif background:
             raise ValueError("a background save needs Checkpointer(background=True)")
-        waited = time.perf_counter()
+        timings = {"wait_previous": time.perf_counter() - start}
         zero = self.zero
         with zero.gathered() if zero is not None else contextlib.nullcontext():
-            sharded = self.sharded_state_dict()  # whole parameters, also under ZeRO-3
-            record = self._optimizer_record()
-        collected = time.perf_counter()
+            # Whole parameters, also under ZeRO-3.
+            with timed(timings, "state_dict"):
+                record = self._optimizer_record()
+                if not background:
+                    sharded = self.sharded_state_dict()
+            if background:
+                # Host copies of the tensors, and the sharded state dict only when their
+                # layout changed (HostStaging: per-tensor Python kept off the step).
+                with timed(timings, "state_dict"):
+                    tensors = self._tensors()
+                sharded = self.writer.staging.stage(tensors, self.sharded_state_dict, timings)
         staged = stage_checkpoint(
             run_dir, step, {**state, "optimizer": record}, keep_last, self.dims.sizes(), sharded,
             None if zero is None else lambda folder: zero.save(folder / ZERO_DIR, ZERO_TAG),
-            self.writer.memory if background else None, self.sharding_check,
+            self.sharding_check,
         )  # fmt: skip
-        staged_at = time.perf_counter()
-        if background:
-            self.writer.submit(staged)
-        else:
-            write_checkpoint(staged)
-        end = time.perf_counter()
-        self.timings = {
-            "wait_previous": waited - start, "state_dict": collected - waited, **staged.timings,
-            "write" if not background else "submit": end - staged_at, "total": end - start,
-        }  # fmt: skip
-        return end - start
+        with timed(timings, "submit" if background else "write"):
+            if background:
+                self.writer.submit(staged)
+            else:
+                write_checkpoint(staged)
+        self.timings = {**timings, **staged.timings, "total": time.perf_counter() - start}
+        return self.timings["total"]
 
     def wait(self) -> list[tuple[int, float]]:
         """Blocks until a background save in flight is published: (step, seconds its writing

@@ -173,7 +173,6 @@ def test_a_background_save_is_written_by_another_process(
     this process's GIL), checks the sharding once for two saves, and writes the files of the
     synchronous save, byte for byte (the same checksums)."""
     from pretrain import checkpoint
-    from pretrain.checkpoint import read_meta
 
     model, optimizer = _small_model()
     Checkpointer(model, optimizer, ParallelDims.single()).save(tmp_path / "sync", 1, {})
@@ -190,7 +189,14 @@ def test_a_background_save_is_written_by_another_process(
         background.close()
     assert (here, len(checks), background.sharding_checks) == ([], 0, 1)
     assert not dist.is_initialized()
-    sync, async_ = (tmp_path / r / "checkpoints" / "step_00000001" for r in ("sync", "async"))
+    _assert_same_files(tmp_path / "sync", tmp_path / "async", 1)
+
+
+def _assert_same_files(sync_run: Path, async_run: Path, step: int) -> None:
+    """The checkpoints of ``step`` hold the same files, byte for byte."""
+    from pretrain.checkpoint import read_meta, step_name
+
+    sync, async_ = (r / "checkpoints" / step_name(step) for r in (sync_run, async_run))
     # torch DCP's .metadata names its folder and a random save id; the rest must be equal.
     files = read_meta(sync)["sha256"]
     assert files == read_meta(async_)["sha256"] | {"model/.metadata": files["model/.metadata"]}
@@ -198,8 +204,35 @@ def test_a_background_save_is_written_by_another_process(
     assert (a.state_dict_metadata, a.storage_data) == (b.state_dict_metadata, b.storage_data)
 
 
-def _small_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A 2-layer model and its AdamW with state (one step on random gradients)."""
+def test_the_sharded_state_dict_is_built_once_per_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background save builds megatron's sharded state dict (and sends it to the writer)
+    only when the layout of the tensors changed: here the first save, before the optimizer
+    has state, and the second, after its first step; the third, after another step, copies
+    the tensors into the same buffers and nothing else. Each save writes the synchronous
+    save's files, byte for byte."""
+    model, optimizer = _small_model(steps=0)
+    background = Checkpointer(model, optimizer, ParallelDims.single(), background=True)
+    built = []
+    build = background.sharded_state_dict
+    monkeypatch.setattr(background, "sharded_state_dict", lambda: built.append(1) or build())
+    try:
+        for step in (1, 2, 3):
+            if step > 1:
+                _optimizer_step(model, optimizer)
+            background.save(tmp_path / "async", step, {})
+            background.wait()
+            Checkpointer(model, optimizer, ParallelDims.single()).save(tmp_path / "sync", step, {})
+            assert len(built) == min(step, 2)
+    finally:
+        background.close()
+    for step in (1, 2, 3):
+        _assert_same_files(tmp_path / "sync", tmp_path / "async", step)
+
+
+def _small_model(steps: int = 1) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A 2-layer model and its AdamW, after ``steps`` steps on random gradients."""
     from pretrain.build import optimizer_for
     from pretrain.config import ModelConfig, OptimizerConfig
     from pretrain.model.lm import LanguageModel
@@ -208,10 +241,15 @@ def _small_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     cfg = ModelConfig(layers=2, width=32, zdim=8, hdim=32, ndim=4, window=4, vocab_multiple=16)
     model = LanguageModel(cfg, 50)
     optimizer = optimizer_for(model, OptimizerConfig(lr=1e-2))
+    for _ in range(steps):
+        _optimizer_step(model, optimizer)
+    return model, optimizer
+
+
+def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    return model, optimizer
 
 
 def _save_alone(rank: int, world: int, root: str) -> CollectiveTimeout | None:
