@@ -4,10 +4,10 @@ The step that saves only stages the checkpoint (tensors copied into host memory 
 with the writer, ``pretrain/host_staging.py``; the rest of ``pretrain/checkpoint.py``'s
 ``stage_checkpoint``: the rank file serialized; no collective, no process group needed)
 and hands it over: the sharded state dict when its layout changed, with each tensor as its
-place in that memory (``pretrain/host_memory.py``), and the rest pickled. The writer process (``pretrain/checkpoint_writer.py``) does
-the rest (``write_checkpoint``: rank 0's ``common.pt``, the sharding check when the
-sharding changed, torch DCP's plan and the shard files, the rank file, barriers, checksums,
-``meta.json``, rename, ``latest``).
+place in that memory (``pretrain/host_memory.py``), and the rest pickled. The writer
+process (``pretrain/checkpoint_writer.py``) does the rest (``write_checkpoint``: rank 0's
+``common.pt``, the sharding check when the sharding changed, torch DCP's plan and the shard
+files, the rank file, barriers, checksums, ``meta.json``, rename, ``latest``).
 
 A process, not a thread: that work is mostly Python, and a thread doing it holds the GIL the
 training thread needs between its kernels. Measured on the tiny model (2-core CPU, one
@@ -95,7 +95,7 @@ class BackgroundWriter:
         # The host copies of the tensors, in memory shared with the writer, and the sharded
         # state dict that describes them (built once per layout).
         self.staging = HostStaging()
-        self._sent_sharded: dict | None = None  # the sharded state dict the writer holds
+        self._sent_builds = 0  # the staging's sharded state dict the writer holds (its count)
         self._ready = False
         self._in_flight: int | None = None  # the step being written
         # (step, seconds) of the writes completed and not yet reported: a write may end
@@ -106,8 +106,9 @@ class BackgroundWriter:
     def submit(self, staged: StagedCheckpoint) -> None:
         """Starts writing ``staged`` (after the save in flight, if any, is complete). Its
         tensors in ``self.staging.memory`` are sent by place, any others by value; its
-        sharded state dict only when it is not the one sent last (``HostStaging`` keeps the
-        same one while the layout does not change)."""
+        sharded state dict only when ``self.staging`` built a new one since the last submit
+        (it keeps the same one while the layout does not change), the writer reusing the one
+        it has otherwise. ``staged`` is the last one ``self.staging`` staged."""
         self.join()
         self._await_ready()
         memory = self.staging.memory
@@ -120,9 +121,9 @@ class BackgroundWriter:
             finally:
                 os.close(fd)
         shards = None
-        if staged.sharded is not self._sent_sharded:  # (held here: no other can have its id)
+        if self.staging.builds != self._sent_builds:
             shards = dumps((staged.sharded, staged.common), memory)
-            self._sent_sharded = staged.sharded
+            self._sent_builds = self.staging.builds
         # The writer keeps its own sharding check: what it checked last is its memory.
         rest = dataclasses.replace(
             staged, sharded=None, common=None, check=ShardingCheck(), timings={}

@@ -44,7 +44,7 @@ class HostStaging:
 
     def __init__(self) -> None:
         self.memory = HostMemory()  # shared with the writer process
-        self.builds = 0  # how many times the sharded state dict was built (tests, bench)
+        self.builds = 0  # how many times the sharded state dict was built
         self._plan: _Plan | None = None
 
     def stage(
