@@ -153,6 +153,7 @@ def measure(
         "local_params": params, "blocked_s": min(blocked), "published_s": min(published),
         "first_blocked_s": blocked[0],
         "parts": parts[blocked.index(min(blocked))],  # of the least blocked async save
+        "first_parts": parts[0],
         "steps_s": min(alone, default=0.0), "steps": n if steps else 0,
         "lost_sync_s": _median(lost_sync), "lost_async_s": _median(lost_async),
     }  # fmt: skip
@@ -271,6 +272,7 @@ def main() -> None:
         print_lost(rows, args.steps, args.step_tokens)
     if args.profile:
         print_parts(rows)
+        print_parts(rows, "first_parts")
 
 
 def print_lost(rows: list[dict], steps: int, tokens: int) -> None:
@@ -296,11 +298,12 @@ def print_lost(rows: list[dict], steps: int, tokens: int) -> None:
         )
 
 
-def print_parts(rows: list[dict]) -> None:
-    """The parts of the least blocked async save, in ms (slowest rank per part, so they
-    need not add up to the total): Checkpointer.timings."""
-    print("\nasync blocked time by part, ms (slowest rank each; Checkpointer.timings)")
-    keys = list(dict.fromkeys(k for r in rows for k in r["parts"]))
+def print_parts(rows: list[dict], which: str = "parts") -> None:
+    """The parts of the least blocked async save (``first_parts``: of the first), in ms
+    (slowest rank per part, so they need not add up to the total): Checkpointer.timings."""
+    title = "the first async save's" if which == "first_parts" else "async"
+    print(f"\n{title} blocked time by part, ms (slowest rank each; Checkpointer.timings)")
+    keys = list(dict.fromkeys(k for r in rows for k in r[which]))
     header = f"{'shape':>5} | {'ranks':>5} | {'layout':>9} | " + " | ".join(
         f"{k:>13}" for k in keys
     )
@@ -308,7 +311,7 @@ def print_parts(rows: list[dict]) -> None:
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: (list(SHAPES).index(r["shape"]), r["world"])):
         cells = " | ".join(
-            f"{r['parts'][k] * 1e3:>13.1f}" if k in r["parts"] else f"{'-':>13}" for k in keys
+            f"{r[which][k] * 1e3:>13.1f}" if k in r[which] else f"{'-':>13}" for k in keys
         )
         layout = layout_name(r)
         print(f"{r['shape']:>5} | {r['world']:>5} | {layout:>9} | {cells}")

@@ -110,7 +110,7 @@ class BackgroundWriter:
         (it keeps the same one while the layout does not change), the writer reusing the one
         it has otherwise. ``staged`` is the last one ``self.staging`` staged."""
         self.join()
-        self._await_ready()
+        self.await_ready()
         memory = self.staging.memory
         new_file = memory.take_new_file()
         if new_file is not None:  # a new layout of the buffers: the writer maps it once
@@ -131,8 +131,9 @@ class BackgroundWriter:
         self._conn.send(("write", staged.step, dumps(rest, memory), shards))
         self._in_flight = staged.step
 
-    def _await_ready(self) -> None:
-        """The first save waits for the writer to have started (imports, its world)."""
+    def await_ready(self) -> None:
+        """Blocks until the writer has started (its imports, its world): the first save
+        waits for it."""
         while not self._ready:
             self._handle(self._recv())
 

@@ -197,6 +197,9 @@ class Checkpointer:
         elif background:
             raise ValueError("a background save needs Checkpointer(background=True)")
         timings = {"wait_previous": time.perf_counter() - start}
+        if background:
+            with timed(timings, "wait_writer_start"):  # a save before the writer is up
+                self.writer.await_ready()
         zero = self.zero
         with zero.gathered() if zero is not None else contextlib.nullcontext():
             # Whole parameters, also under ZeRO-3.
