@@ -205,13 +205,11 @@ class Checkpointer:
             # Whole parameters, also under ZeRO-3.
             with timed(timings, "state_dict"):
                 record = self._optimizer_record()
-                if not background:
-                    sharded = self.sharded_state_dict()
+                tensors = self._tensors() if background else None
+                sharded = None if background else self.sharded_state_dict()
             if background:
                 # Host copies of the tensors, and the sharded state dict only when their
                 # layout changed (HostStaging: per-tensor Python kept off the step).
-                with timed(timings, "state_dict"):
-                    tensors = self._tensors()
                 sharded = self.writer.staging.stage(tensors, self.sharded_state_dict, timings)
         staged = stage_checkpoint(
             run_dir, step, {**state, "optimizer": record}, keep_last, self.dims.sizes(), sharded,
