@@ -248,6 +248,7 @@ def _tmp_folder(run_dir: Path, step: int) -> Path:
 
 @contextlib.contextmanager
 def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the seconds of the ``with`` block to ``timings[name]`` (a save's parts)."""
     start = time.perf_counter()
     try:
         yield

@@ -51,14 +51,13 @@ class HostStaging:
         self,
         tensors: dict[str, Tensor],
         build: Callable[[], dict[str, Any]],
-        timings: dict[str, float] | None = None,
+        timings: dict[str, float],
     ) -> PreparedShards:
         """Copies ``tensors`` (by key: the tensors of the sharded state dict ``build``
         returns, flat, keyed like it) into host memory; returns the prepared sharded state
         dict of those copies: the previous one, unless the keys, shapes or dtypes of
         ``tensors`` changed (then ``build`` is called). ``timings`` gets the seconds of
         ``state_dict`` (building), ``host_copy`` and ``preprocess``."""
-        timings = timings if timings is not None else {}
         signature = [(key, t.shape, t.dtype) for key, t in tensors.items()]
         plan = self._plan
         if plan is None or plan.signature != signature:
